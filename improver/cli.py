@@ -1,0 +1,121 @@
+"""The ``improver`` command: ``improver demo``, ``improver rollout``, ``improver bench rollout``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+from .io import atomic_path
+
+
+@dataclass
+class Demo:
+    """Roll out the default suite's scripted experts on held-out tasks; print a table, write a video."""
+
+    suite: str = "ML1:push-v3"
+    """Suite to run on (its held-out `test` split)."""
+    episodes: int = 10
+    """Episodes, spread over the held-out tasks."""
+    out: Path = Path("demo_out")
+    """Folder for the video and the summary JSON."""
+    seed: int = 0
+    """Seed of the suite and of the episodes."""
+
+    def run(self) -> None:
+        from .demo import run_demo
+
+        run_demo(self.suite, self.episodes, self.out, self.seed)
+
+
+@dataclass
+class Rollout:
+    """Roll a policy out on a suite's tasks and print Meta-World's success table."""
+
+    suite: str = "ML1:push-v3"
+    """Suite name: ML1:<task>, ML10, ML45, MT10, MT50 or toy:reach2d."""
+    split: Literal["train", "test"] = "test"
+    """Which split's tasks to run on (held-out tasks are `test`)."""
+    policy: str = "expert"
+    """`expert` for the suite's scripted expert, or the folder of a saved policy."""
+    episodes: int = 20
+    """Episodes in all, spread round-robin over the split's tasks."""
+    seed: int = 0
+    """Seed of the episodes."""
+    suite_seed: int = 0
+    """Seed the suite's task parameters are drawn with."""
+    stop_on_success: bool = False
+    """End each episode at its first success."""
+    video: Path | None = None
+    """Write the first episode as a video (.mp4 or .gif)."""
+    json_out: Path | None = None
+    """Also write the table as JSON."""
+
+    def run(self) -> None:
+        from .tasks import make_suite
+        from .tasks.evaluation import evaluate
+
+        suite = make_suite(self.suite, self.suite_seed)
+        if self.policy == "expert":
+            policy = suite.expert
+        else:
+            from .policies import load_policy
+
+            policy, _ = load_policy(self.policy)
+        _, rows = evaluate(policy, suite, self.split, self.episodes, self.seed, self.stop_on_success, self.video)
+        if self.json_out:
+            _write_json(self.json_out, {"suite": self.suite, "split": self.split, "policy": self.policy, "rows": rows})
+
+
+@dataclass
+class BenchRollout:
+    """Steps/s of a bare Meta-World loop vs. the rollout collector, and 64x64 render rates."""
+
+    out: Path = Path("bench/rollout.json")
+    """Where to write the figures as JSON."""
+    family: str = "push-v3"
+    """Meta-World task family to measure on."""
+    episodes: int = 4
+    """Episodes (500 steps each) per collector measurement."""
+    frames: int = 60
+    """Frames per render measurement."""
+
+    def run(self) -> None:
+        from .tasks.bench import bench_rollout
+
+        result = bench_rollout(self.family, self.episodes, self.frames)
+        print(json.dumps(result, indent=2))
+        _write_json(self.out, result)
+
+
+def _write_json(path: Path, data: object) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
+    print(f"wrote {path}")
+
+
+COMMANDS = {"demo": Demo, "rollout": Rollout}
+BENCHMARKS = {"rollout": BenchRollout}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``improver`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        command = tyro.extras.subcommand_cli_from_dict(BENCHMARKS, prog="improver bench", args=argv[1:])
+    else:
+        command = tyro.extras.subcommand_cli_from_dict(
+            COMMANDS,
+            prog="improver",
+            args=argv,
+            description="policy-improver. Commands: demo, rollout; benchmarks: `improver bench rollout`.",
+        )
+    command.run()
+
+
+if __name__ == "__main__":
+    main()

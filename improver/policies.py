@@ -1,0 +1,82 @@
+"""Small parametric policies and their checkpoints (safetensors weights + a JSON record)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .io import atomic_path
+
+FORMAT_VERSION = 1
+
+
+class MLPPolicy(nn.Module):
+    """A deterministic MLP policy ``[B, obs_dim] -> [B, act_dim]`` with tanh-bounded actions.
+
+    Args:
+        obs_dim: Observation size.
+        act_dim: Action size.
+        hidden: Hidden layer widths.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (64, 64)) -> None:
+        super().__init__()
+        self.config = {"obs_dim": obs_dim, "act_dim": act_dim, "hidden": list(hidden)}
+        sizes = [obs_dim, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes, sizes[1:]):
+            layers += [nn.Linear(a, b), nn.Tanh()]
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], act_dim), nn.Tanh())
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        """Actions ``[B, act_dim]`` in ``[-1, 1]`` for observations ``[B, obs_dim]``."""
+        return self.net(observations)
+
+
+POLICY_CLASSES: dict[str, Callable[..., nn.Module]] = {"MLPPolicy": MLPPolicy}
+
+
+def save_policy(policy: nn.Module, path: str | os.PathLike, record: dict[str, Any] | None = None) -> Path:
+    """Write ``policy`` to the folder ``path``: ``model.safetensors`` and ``config.json``.
+
+    The policy must be a registered class (see ``POLICY_CLASSES``) with a ``config`` dict of its
+    constructor arguments. ``record`` (training recipe, measured success, ...) is stored alongside.
+    """
+    name = type(policy).__name__
+    if name not in POLICY_CLASSES or not hasattr(policy, "config"):
+        raise TypeError(f"cannot save a {name}: register its class in POLICY_CLASSES and give it a `config` dict")
+    config = {"format_version": FORMAT_VERSION, "class": name, "kwargs": policy.config, "record": record or {}}
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    return Path(path)
+
+
+def load_policy(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Read a policy written by :func:`save_policy`; returns the module (eval mode) and its record."""
+    path = Path(path)
+    config_file, weights_file = path / "config.json", path / "model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(f"{path} is not a saved policy: it needs config.json and model.safetensors")
+    config = json.loads(config_file.read_text())
+    if config.get("format_version") != FORMAT_VERSION or config.get("class") not in POLICY_CLASSES:
+        raise ValueError(
+            f"{path} holds an incompatible policy checkpoint (format {config.get('format_version')!r}, "
+            f"class {config.get('class')!r}); this version reads format {FORMAT_VERSION} of {sorted(POLICY_CLASSES)}"
+        )
+    kwargs = dict(config["kwargs"])
+    if "hidden" in kwargs:
+        kwargs["hidden"] = tuple(kwargs["hidden"])
+    policy = POLICY_CLASSES[config["class"]](**kwargs)
+    try:
+        policy.load_state_dict(load_file(weights_file))
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit the architecture in config.json: {err}") from err
+    return policy.eval(), config["record"]

@@ -1,0 +1,11 @@
+"""Task suites (Meta-World and a toy suite), rollout collection and rendering.
+
+Installed as ``improver.tasks``.
+"""
+
+from .registry import SUITES, make_suite
+from .rendering import RenderBackendError, RenderConfig
+from .rollout import episode_seeds, rollout
+from .suite import Suite, Task
+
+__all__ = ["SUITES", "RenderBackendError", "RenderConfig", "Suite", "Task", "episode_seeds", "make_suite", "rollout"]

@@ -1,0 +1,177 @@
+"""Meta-World suites (ML1, ML10, ML45, MT10, MT50) behind the rollout contract of ``Task``.
+
+Built from ``metaworld.ML1/ML10/...`` and ``set_task``, never ``gym.make``: upstream's
+``Meta-World/ML1-train`` fails and vectorised ML1 silently uses test goals (issues 541, 573).
+ML suites hide the goal from the observation as the benchmark does; the scripted experts get
+it from the task record instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import warnings
+from collections import defaultdict
+from functools import partial
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from improver.types import TaskInfo
+
+from .rendering import RenderConfig, configure_gl_backend, prepare_mujoco_env
+from .suite import Suite, Task
+
+OBSERVATION_DIM = 39
+ACTION_DIM = 4
+GOAL_SLICE = slice(36, 39)
+
+
+def _metaworld() -> Any:
+    # The GL backend must be chosen before mujoco is first imported.
+    configure_gl_backend()
+    import metaworld
+
+    return metaworld
+
+
+# Building a Meta-World env compiles its MuJoCo model (about 0.15 s, as long as 120 steps), so
+# closed envs wait here, by family and render settings, for the next rollout to `set_task` them.
+_IDLE_ENVS: dict[tuple[str, RenderConfig | None], list[Any]] = defaultdict(list)
+IDLE_ENVS_PER_KEY = 16
+
+
+@atexit.register
+def _close_idle_envs() -> None:
+    # Free GL contexts while the GL library is still loaded; at interpreter teardown it is not.
+    for idle in _IDLE_ENVS.values():
+        while idle:
+            idle.pop().close()
+
+
+class MetaWorldTaskEnv(gym.Wrapper):
+    """Makes a Meta-World env follow the ``Task`` contract.
+
+    ``reset(seed=...)`` seeds the env through ``env.seed`` (Meta-World ignores the reset seed),
+    observations are float32, the reset info carries ``"goal"``, and step infos are cut down to
+    ``"success"`` so that vector environments do not spend time merging unused keys.
+    ``close()`` hands the bare env back for reuse.
+    """
+
+    def __init__(self, env: Any, key: tuple[str, RenderConfig | None]) -> None:
+        super().__init__(env)
+        self._key = key
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:
+            self.env.unwrapped.seed(seed)
+        obs, _ = self.env.reset()
+        goal = np.asarray(self.env.unwrapped._get_pos_goal(), dtype=np.float32).copy()
+        return obs.astype(np.float32), {"goal": goal}
+
+    def step(self, action: np.ndarray):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs.astype(np.float32), float(reward), terminated, truncated, {"success": float(info["success"])}
+
+    def close(self) -> None:
+        idle = _IDLE_ENVS[self._key]
+        if len(idle) < IDLE_ENVS_PER_KEY:
+            idle.append(self.env.unwrapped)
+        else:
+            self.env.close()
+
+
+def _new_env(family: str, render: RenderConfig | None) -> Any:
+    cls = _metaworld().env_dict.ALL_V3_ENVIRONMENTS[family]
+    if render is None:
+        return cls()
+    env = cls(render_mode="rgb_array", width=render.size, height=render.size, camera_name=render.camera)
+    prepare_mujoco_env(env, render)
+    return env
+
+
+def _build(family: str, mw_task: Any, render: RenderConfig | None) -> MetaWorldTaskEnv:
+    key = (family, render)
+    env = _IDLE_ENVS[key].pop() if _IDLE_ENVS[key] else _new_env(family, render)
+    env.set_task(mw_task)
+    return MetaWorldTaskEnv(env, key)
+
+
+class MetaWorldExpert:
+    """Meta-World's scripted policies (``metaworld.policies``), one per task family."""
+
+    def for_task(self, info: TaskInfo) -> "_BoundExpert":
+        """Bind to one task: its family's scripted policy and its hidden goal."""
+        from metaworld.policies import ENV_POLICY_MAP
+
+        if info.family not in ENV_POLICY_MAP:
+            raise ValueError(f"Meta-World has no scripted policy for task family {info.family!r}")
+        return _BoundExpert(ENV_POLICY_MAP[info.family](), np.asarray(info.goal, dtype=np.float64))
+
+    def __call__(self, observations: torch.Tensor) -> torch.Tensor:
+        raise TypeError("the Meta-World expert needs its task: call expert.for_task(info) first (rollout does this)")
+
+
+class _BoundExpert:
+    def __init__(self, policy: Any, goal: np.ndarray) -> None:
+        self.policy = policy
+        self.goal = goal
+
+    def __call__(self, observations: torch.Tensor) -> torch.Tensor:
+        obs = observations.detach().cpu().double().numpy().copy()
+        # The learner's observation hides the goal; the scripted policy reads it from there.
+        obs[:, GOAL_SLICE] = self.goal
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Constant")  # gains above 1 are clipped by the env
+            actions = np.stack([self.policy.get_action(row) for row in obs])
+        return torch.as_tensor(actions, dtype=torch.float32)
+
+
+def _suite(name: str, seed: int, splits: dict[str, list[Any]]) -> Suite:
+    metaworld = _metaworld()
+    max_steps = metaworld.sawyer_xyz_env.SawyerXYZEnv.max_path_length
+    tasks = {
+        split: tuple(
+            Task(
+                suite=name,
+                family=mw_task.env_name,
+                split=split,
+                index=i,
+                suite_seed=seed,
+                max_steps=max_steps,
+                reward_function_version="v2",
+                build=partial(_build, mw_task.env_name, mw_task),
+            )
+            for i, mw_task in enumerate(mw_tasks)
+        )
+        for split, mw_tasks in splits.items()
+    }
+    return Suite(
+        name=name,
+        seed=seed,
+        splits=tasks,
+        expert=MetaWorldExpert(),
+        observation_dim=OBSERVATION_DIM,
+        action_dim=ACTION_DIM,
+    )
+
+
+def ml_suite(kind: str, family: str | None, seed: int) -> Suite:
+    """Build ``ML1:<family>``, ``ML10`` or ``ML45``: held-out goals (ML1) or held-out families."""
+    metaworld = _metaworld()
+    if kind == "ML1":
+        if family not in metaworld.ML1.ENV_NAMES:
+            raise ValueError(f"unknown Meta-World task {family!r}; choose one of {', '.join(metaworld.ML1.ENV_NAMES)}")
+        benchmark = metaworld.ML1(family, seed=seed)
+        name = f"ML1:{family}"
+    else:
+        benchmark = getattr(metaworld, kind)(seed=seed)
+        name = kind
+    return _suite(name, seed, {"train": benchmark.train_tasks, "test": benchmark.test_tasks})
+
+
+def mt_suite(kind: str, seed: int) -> Suite:
+    """Build ``MT10`` or ``MT50``: multi-task suites with the goal observed and no held-out split."""
+    benchmark = getattr(_metaworld(), kind)(seed=seed)
+    return _suite(kind, seed, {"train": benchmark.train_tasks})
