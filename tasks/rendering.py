@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes.util
 import glob
+import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +69,19 @@ def choose_gl_backend() -> str | None:
     return None
 
 
+def _preload_triton() -> None:
+    # torch imports triton lazily (building an optimizer does). Triton's bundled LLVM segfaults
+    # when Mesa's LLVM (OSMesa or EGL on CPU) is already in the process, so it must load first.
+    if importlib.util.find_spec("triton") is not None:
+        importlib.import_module("triton")
+
+
 def configure_gl_backend() -> str | None:
-    """Set ``MUJOCO_GL`` and ``PYOPENGL_PLATFORM`` (unless the user did) and return the backend."""
+    """Set ``MUJOCO_GL`` and ``PYOPENGL_PLATFORM`` (unless the user did) and return the backend.
+
+    Call before ``mujoco`` is imported; it also loads ``triton`` first when installed (see above).
+    """
+    _preload_triton()
     backend = choose_gl_backend()
     if backend is not None:
         os.environ.setdefault("MUJOCO_GL", backend)
