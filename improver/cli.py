@@ -1,4 +1,4 @@
-"""The ``improver`` command: ``improver demo``, ``improver rollout``, ``improver bench rollout``."""
+"""The ``improver`` command: ``demo``, ``rollout``, ``generate`` and ``bench rollout``."""
 
 from __future__ import annotations
 
@@ -72,6 +72,34 @@ class Rollout:
 
 
 @dataclass
+class Generate:
+    """Build a meta-training dataset: D-REX ranked families, a policy zoo and expert targets."""
+
+    suite: str
+    """Suite name, e.g. ML1:push-v3 or toy:reach2d."""
+    out: Path
+    """Dataset folder (rerun with the same settings to resume)."""
+    split: Literal["train", "test"] = "train"
+    """Which split's tasks to use."""
+    preset: Literal["tiny", "demo", "full"] = "demo"
+    """Size: tiny (tests), demo (10 tasks), full (all tasks, 20 noise levels)."""
+    seed: int = 0
+    """Seed of every episode, noise draw and zoo member."""
+    suite_seed: int = 0
+    """Seed the suite's task parameters are drawn with."""
+    frames: bool = False
+    """Render the lesser and ranked episodes (64x64, every 10 steps)."""
+    tasks: int | None = None
+    """Use only the first N tasks of the split (default: the preset's number)."""
+
+    def run(self) -> None:
+        from .augment.generate import GenerateConfig, generate
+
+        config = GenerateConfig(self.suite, self.split, self.preset, self.seed, self.suite_seed, self.frames, tasks=self.tasks)
+        generate(config, self.out)
+
+
+@dataclass
 class BenchRollout:
     """Steps/s of a bare Meta-World loop vs. the rollout collector, and 64x64 render rates."""
 
@@ -98,7 +126,7 @@ def _write_json(path: Path, data: object) -> None:
     print(f"wrote {path}")
 
 
-COMMANDS = {"demo": Demo, "rollout": Rollout}
+COMMANDS = {"demo": Demo, "rollout": Rollout, "generate": Generate}
 BENCHMARKS = {"rollout": BenchRollout}
 
 
@@ -112,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             COMMANDS,
             prog="improver",
             args=argv,
-            description="policy-improver. Commands: demo, rollout; benchmarks: `improver bench rollout`.",
+            description="policy-improver. Commands: demo, rollout, generate; benchmarks: `improver bench rollout`.",
         )
     command.run()
 

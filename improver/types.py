@@ -144,6 +144,17 @@ class Trajectory:
         }
         return replace(self, **moved)
 
+    def take(self, episodes: Sequence[int] | torch.Tensor) -> Trajectory:
+        """The given episodes (indices or a bool mask over episodes), in that order."""
+        idx = torch.as_tensor(episodes)
+        idx = idx.nonzero().flatten() if idx.dtype == torch.bool else idx.long()
+        picked = {
+            f.name: getattr(self, f.name)[idx]
+            for f in fields(self)
+            if f.name != "frame_steps" and isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, tasks=tuple(self.tasks[i] for i in idx.tolist()), **picked)
+
     @staticmethod
     def cat(parts: Sequence[Trajectory]) -> Trajectory:
         """Concatenate along episodes, padding steps (and frames) to the longest part."""

@@ -5,7 +5,7 @@ Installed as ``improver.tasks``.
 
 from .registry import SUITES, make_suite
 from .rendering import RenderBackendError, RenderConfig
-from .rollout import episode_seeds, rollout
+from .rollout import episode_seeds, relabel, rollout
 from .suite import Suite, Task
 
-__all__ = ["SUITES", "RenderBackendError", "RenderConfig", "Suite", "Task", "episode_seeds", "make_suite", "rollout"]
+__all__ = ["SUITES", "RenderBackendError", "RenderConfig", "Suite", "Task", "episode_seeds", "make_suite", "relabel", "rollout"]

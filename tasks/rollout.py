@@ -176,3 +176,16 @@ def _collect(policy, batch, seeds, placement, max_steps, stop_on_success, render
         frames=frame_tensor,
         frame_steps=frame_step_tensor,
     )
+
+
+def relabel(policy: Policy, trajectory: Trajectory) -> torch.Tensor:
+    """``policy``'s actions ``[B, T, act_dim]`` on every state a trajectory visited (zero on padding).
+
+    A policy with ``for_task`` is bound to each episode's task, as in :func:`rollout`; this is how
+    an expert labels the states a lesser policy reached (DAgger-style targets).
+    """
+    act = _bind(policy, trajectory.tasks)
+    batch, steps, obs_dim = trajectory.observations.shape
+    with torch.no_grad():
+        flat = torch.stack([act(trajectory.observations[:, t]) for t in range(steps)], dim=1)
+    return flat * trajectory.mask[..., None]

@@ -1,0 +1,128 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from improver.augment.dataset import ImprovementDataset, read_manifest
+from improver.augment.generate import GenerateConfig, generate
+from improver.augment.zoo import ZooRecipe, train_member
+from improver.distill import fit_policy
+from improver.tasks import relabel, rollout
+
+CONFIG = GenerateConfig("toy:reach2d", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy-dataset")
+    generate(CONFIG, out, progress=False)
+    return out
+
+
+def checksums(root):
+    return {k: v["sha256"] for k, v in json.loads((root / "manifest.json").read_text())["shards"].items()}
+
+
+def test_examples_hold_policy_experience_and_targets(dataset):
+    data = ImprovementDataset(dataset)
+    assert len(data) == 3 * 2
+    item = data[0]
+    assert item["observations"].shape == (2, 40, 4) and item["target_actions"].shape == (2, 40, 2)
+    assert item["better_observations"].shape[0] == 2 and set(item["theta"]) >= {"net.0.weight"}
+    record = json.loads(item["record"])
+    assert 0.0 <= record["success"] <= 1.0 and record["recipe"]["epochs"] == 5
+    lesser = data.lesser_trajectory(0)
+    # the target is the expert's action on the states the lesser policy visited
+    from improver.tasks import make_suite
+
+    expert_actions = relabel(make_suite("toy:reach2d").expert, lesser)
+    assert torch.allclose(expert_actions, item["target_actions"])
+    # and the stored parameters reproduce the lesser policy's actions
+    from improver.policies import MLPPolicy
+
+    policy = MLPPolicy(4, 2, tuple(json.loads(item["architecture"])["hidden"]))
+    policy.load_state_dict(item["theta"])
+    with torch.no_grad():
+        assert torch.allclose(policy(lesser.observations[:, 0]), lesser.actions[:, 0], atol=1e-5)
+
+
+def test_streams_through_a_dataloader(dataset):
+    batch = next(iter(DataLoader(ImprovementDataset(dataset), batch_size=3, shuffle=True, num_workers=2)))
+    assert batch["observations"].shape == (3, 2, 40, 4) and len(batch["task"]) == 3
+
+
+def test_ranked_episodes_for_the_reward_model(dataset):
+    ranked, levels = ImprovementDataset(dataset).ranked()
+    assert ranked.num_episodes == len(levels) == 3 * 3 * 2
+    assert torch.allclose(levels.unique().double(), torch.tensor([0.02, 0.5, 1.0], dtype=torch.float64))
+
+
+def test_same_seed_same_bytes_and_zoo_spread(dataset, tmp_path):
+    generate(CONFIG, tmp_path, progress=False)
+    assert checksums(tmp_path) == checksums(dataset)
+    zoo = [z for e in read_manifest(dataset)["shards"].values() for z in e["zoo"]]
+    assert max(z["mean_return"] for z in zoo) > min(z["mean_return"] for z in zoo)
+    assert (dataset / "zoo.png").stat().st_size > 0
+
+
+def test_corruption_and_other_settings_are_detected(dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    shard = next((copy / "shards").glob("*.h5"))
+    raw = bytearray(shard.read_bytes())
+    raw[-100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="corrupted"):
+        ImprovementDataset(copy)
+    with pytest.raises(ValueError, match="other settings"):
+        generate(GenerateConfig("toy:reach2d", preset="tiny", seed=1), copy, progress=False)
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        ImprovementDataset(tmp_path)
+
+
+def test_sigkill_then_resume_gives_the_same_dataset(dataset, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "improver.cli", "generate", "--suite", "toy:reach2d", "--preset", "tiny", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((out / "shards").glob("*.h5")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done = len(list((out / "shards").glob("*.h5")))
+    assert 1 <= done < 3, "the kill should land part-way"
+    assert not (out / "manifest.json").exists()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert checksums(out) == checksums(dataset)
+    assert not list((out / "shards").glob(".*")), "temporaries of the killed run are gone"
+
+
+def test_two_processes_give_the_same_examples(dataset, tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "improver.cli", "generate", "--suite", "toy:reach2d", "--preset", "tiny", "--out", str(tmp_path),
+    ]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    assert checksums(tmp_path) == checksums(dataset)
+
+
+def test_zoo_member_quality_follows_its_recipe(toy):
+    good = train_member(toy, toy.tasks("train")[0], ZooRecipe(0.2, 4, 100, relabel=True), seed=0, eval_episodes=4)
+    bad = train_member(toy, toy.tasks("train")[0], ZooRecipe(1.0, 1, 1), seed=0, eval_episodes=4)
+    assert good.record["mean_return"] > bad.record["mean_return"]
+    assert good.record["success"] >= 0.75
+
+
+def test_fit_policy_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\[N, obs_dim\]"):
+        fit_policy(torch.nn.Linear(4, 2), torch.zeros(3, 4), torch.zeros(2, 2), epochs=1)
