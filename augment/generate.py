@@ -127,8 +127,9 @@ def generate(config: GenerateConfig, out: str | Path, progress: bool = True) -> 
     """Generate (or finish) the dataset in ``out`` and return its manifest.
 
     Runs on every process of an ``accelerate launch``; shards are split between processes.
+    Generation is CPU work (env steps), so processes talk over gloo even on a GPU machine.
     """
-    state = PartialState()
+    state = PartialState(cpu=True)
     out = Path(out)
     suite = make_suite(config.suite, config.suite_seed)
     preset = PRESETS[config.preset]
@@ -151,7 +152,7 @@ def generate(config: GenerateConfig, out: str | Path, progress: bool = True) -> 
             made.append(shard_name(task))
     made = gather_object(made) if state.num_processes > 1 else made
     state.wait_for_everyone()
-    manifest = _manifest(out, config, tasks, made, time.perf_counter() - start)
+    manifest = _manifest(out, config, tasks, made, time.perf_counter() - start, state.num_processes)
     if state.is_main_process:
         write_manifest(out, manifest)
         plot_zoo([json.loads(r) for r in _records(out, tasks)], out / "zoo.png")
@@ -168,7 +169,9 @@ def _records(out: Path, tasks: list[Task]) -> list[str]:
     return records
 
 
-def _manifest(out: Path, config: GenerateConfig, tasks: list[Task], made: list[str], seconds: float) -> dict[str, Any]:
+def _manifest(
+    out: Path, config: GenerateConfig, tasks: list[Task], made: list[str], seconds: float, processes: int
+) -> dict[str, Any]:
     entries = {}
     for task in tasks:
         path = out / "shards" / shard_name(task)
@@ -191,6 +194,7 @@ def _manifest(out: Path, config: GenerateConfig, tasks: list[Task], made: list[s
         "examples": sum(e["examples"] for e in entries.values()),
         "drex_holds_fraction": sum(holds) / len(holds),
         "this_run": {
+            "processes": processes,
             "shards_made": len(made),
             "env_steps": steps_this_run,
             "seconds": seconds,

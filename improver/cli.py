@@ -1,4 +1,4 @@
-"""The ``improver`` command: ``demo``, ``rollout``, ``generate`` and ``bench rollout``."""
+"""The ``improver`` command: ``demo``, ``rollout``, ``generate``, ``reward-model`` and ``bench rollout``."""
 
 from __future__ import annotations
 
@@ -100,6 +100,31 @@ class Generate:
 
 
 @dataclass
+class RewardModel:
+    """Train the ranking reward model on a dataset; report pair accuracy and return correlation on held-out tasks."""
+
+    data: Path
+    """A train-split dataset made by `improver generate`."""
+    out: Path | None = None
+    """Where to save the model (default: DATA/reward_model)."""
+    heldout_tasks: int = 10
+    """Held-out (test-split) tasks to measure on."""
+    frames: bool = False
+    """Also look at frames (the dataset must have been generated with --frames)."""
+    steps: int = 800
+    """Optimiser steps."""
+    seed: int = 0
+    """Seed of the weights and pair draws."""
+
+    def run(self) -> None:
+        from .augment.ranking_reward import RewardModelConfig, fit_on_dataset
+
+        config = RewardModelConfig(steps=self.steps, seed=self.seed, use_frames=self.frames)
+        report = fit_on_dataset(self.data, self.heldout_tasks, config, self.out)
+        print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+
+
+@dataclass
 class BenchRollout:
     """Steps/s of a bare Meta-World loop vs. the rollout collector, and 64x64 render rates."""
 
@@ -126,7 +151,7 @@ def _write_json(path: Path, data: object) -> None:
     print(f"wrote {path}")
 
 
-COMMANDS = {"demo": Demo, "rollout": Rollout, "generate": Generate}
+COMMANDS = {"demo": Demo, "rollout": Rollout, "generate": Generate, "reward-model": RewardModel}
 BENCHMARKS = {"rollout": BenchRollout}
 
 
@@ -140,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             COMMANDS,
             prog="improver",
             args=argv,
-            description="policy-improver. Commands: demo, rollout, generate; benchmarks: `improver bench rollout`.",
+            description="policy-improver. Commands: demo, rollout, generate, reward-model; benchmarks: `improver bench rollout`.",
         )
     command.run()
 

@@ -108,12 +108,13 @@ def test_sigkill_then_resume_gives_the_same_dataset(dataset, tmp_path):
 
 def test_two_processes_give_the_same_examples(dataset, tmp_path):
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "-m", "improver.cli", "generate", "--suite", "toy:reach2d", "--preset", "tiny", "--out", str(tmp_path),
     ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
     assert checksums(tmp_path) == checksums(dataset)
+    assert json.loads((tmp_path / "manifest.json").read_text())["this_run"]["processes"] == 2
 
 
 def test_zoo_member_quality_follows_its_recipe(toy):
