@@ -155,18 +155,10 @@ def generate(config: GenerateConfig, out: str | Path, progress: bool = True) -> 
     manifest = _manifest(out, config, tasks, made, time.perf_counter() - start, state.num_processes)
     if state.is_main_process:
         write_manifest(out, manifest)
-        plot_zoo([json.loads(r) for r in _records(out, tasks)], out / "zoo.png")
+        plot_zoo([z for entry in manifest["shards"].values() for z in entry["zoo"]], out / "zoo.png")
         _print_report(manifest)
     state.wait_for_everyone()
     return manifest
-
-
-def _records(out: Path, tasks: list[Task]) -> list[str]:
-    records = []
-    for task in tasks:
-        with h5py.File(out / "shards" / shard_name(task), "r") as f:
-            records += [g.attrs["record"] for g in f["examples"].values()]
-    return records
 
 
 def _manifest(
