@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from improver.io import atomic_path
+from improver.policies import build_policy
 from improver.types import TaskInfo, Trajectory
 
 FORMAT_VERSION = 1
@@ -138,6 +139,24 @@ def read_manifest(root: str | Path, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
+class Example(NamedTuple):
+    """One improvement example as the improver consumes it.
+
+    Attributes:
+        lesser: The lesser policy's episodes (its experience).
+        policy: The lesser policy, rebuilt from its stored parameters.
+        target_actions: ``[K, T, act]`` the expert's actions on the lesser's states.
+        better: Better episodes on the same task.
+        record: The zoo record (recipe, measured success and return).
+    """
+
+    lesser: Trajectory
+    policy: torch.nn.Module
+    target_actions: torch.Tensor
+    better: Trajectory
+    record: dict[str, Any]
+
+
 class ImprovementDataset(Dataset):
     """Map-style dataset of improvement examples, one per (task, lesser policy).
 
@@ -179,11 +198,21 @@ class ImprovementDataset(Dataset):
             item["task"] = f.attrs["task"]
         return item
 
-    def lesser_trajectory(self, i: int) -> Trajectory:
-        """Example ``i``'s lesser episodes as a :class:`Trajectory` (with task infos)."""
+    def example(self, i: int) -> Example:
+        """Example ``i`` with its episodes as :class:`Trajectory` objects and its policy rebuilt."""
         name, j = self.index[i]
         with h5py.File(self.root / "shards" / name, "r") as f:
-            return read_trajectory(f["examples"][str(j)]["lesser"])
+            g = f["examples"][str(j)]
+            architecture = json.loads(g.attrs["architecture"])
+            state = {k: torch.from_numpy(v[()]) for k, v in g["theta"].items()}
+            kwargs = {k: v for k, v in architecture.items() if k != "class"}
+            return Example(
+                lesser=read_trajectory(g["lesser"]),
+                policy=build_policy(architecture["class"], kwargs, state),
+                target_actions=torch.from_numpy(g["target_actions"][()]),
+                better=read_trajectory(f["better"]),
+                record=json.loads(g.attrs["record"]),
+            )
 
     def ranked(self) -> tuple[Trajectory, torch.Tensor]:
         """All shards' noise-ladder episodes and their noise levels ``[B]`` (for the reward model)."""

@@ -125,6 +125,92 @@ class RewardModel:
 
 
 @dataclass
+class MetaTrain:
+    """Meta-train an improver on a dataset made by `improver generate` (resumes from OUT/checkpoints)."""
+
+    data: Path
+    """Dataset folder."""
+    out: Path
+    """Run folder: checkpoints, TensorBoard logs, and the trained improver in OUT/improver."""
+    steps: int = 300
+    """Optimiser steps."""
+    batch_size: int = 8
+    """Examples per step (over all processes)."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints."""
+    width: int = 64
+    """Network width."""
+    frames: bool = False
+    """Watch frames too (the dataset must have them)."""
+    seed: int = 0
+    """Seed of the weights, example order and state sampling."""
+
+    def run(self) -> None:
+        import torch
+
+        from .augment.dataset import ImprovementDataset
+        from .meta_train import MetaTrainConfig, meta_train
+        from .network import NetworkConfig
+        from .operator import Improver
+
+        dataset = ImprovementDataset(self.data)
+        example = dataset.example(0)
+        network = NetworkConfig(example.lesser.observations.shape[-1], example.lesser.actions.shape[-1], width=self.width, use_frames=self.frames)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            improver = Improver(network)
+        config = MetaTrainConfig(self.steps, self.batch_size, self.lr, checkpoint_every=self.checkpoint_every, seed=self.seed)
+        meta_train(improver, dataset, config, self.out)
+        print(f"wrote {self.out / 'improver'}")
+
+
+@dataclass
+class Improve:
+    """Improve a saved policy with a trained improver: collect episodes, step, repeat; print a table."""
+
+    policy: Path
+    """Folder of a saved policy (improver.policies.save_policy)."""
+    improver: Path
+    """Folder of a trained improver (save_pretrained; e.g. RUN/improver)."""
+    suite: str = "ML1:push-v3"
+    """Suite whose tasks the policy is improved on."""
+    split: Literal["train", "test"] = "test"
+    """Split of the tasks (held-out tasks are `test`)."""
+    task_index: int | None = None
+    """One task of the split; default: episodes spread over the whole split."""
+    steps: int = 3
+    """Improvement steps."""
+    episodes: int = 10
+    """Episodes collected per step."""
+    mode: Literal["parameters", "behaviour"] = "parameters"
+    """Distil into the policy's own parameters, or act with the improver's head."""
+    seed: int = 0
+    """Seed of the episodes."""
+    out: Path | None = None
+    """Save the improved policy here (parameters mode)."""
+
+    def run(self) -> None:
+        from .loop import improve
+        from .operator import Improver
+        from .policies import load_policy, save_policy
+        from .tasks import make_suite
+        from .tasks.evaluation import format_table
+
+        suite = make_suite(self.suite)
+        tasks = suite.tasks(self.split)
+        if self.task_index is not None:
+            tasks = [tasks[self.task_index]]
+        policy, record = load_policy(self.policy)
+        improved, rows = improve(Improver.from_pretrained(self.improver), policy, tasks, self.steps, self.episodes, self.seed, self.mode)
+        print(format_table(rows))
+        if self.out is not None and self.mode == "parameters":
+            save_policy(improved, self.out, record={**record, "improved_steps": self.steps, "rows": rows})
+            print(f"wrote {self.out}")
+
+
+@dataclass
 class BenchRollout:
     """Steps/s of a bare Meta-World loop vs. the rollout collector, and 64x64 render rates."""
 
@@ -151,7 +237,7 @@ def _write_json(path: Path, data: object) -> None:
     print(f"wrote {path}")
 
 
-COMMANDS = {"demo": Demo, "rollout": Rollout, "generate": Generate, "reward-model": RewardModel}
+COMMANDS = {"demo": Demo, "rollout": Rollout, "generate": Generate, "reward-model": RewardModel, "meta-train": MetaTrain, "improve": Improve}
 BENCHMARKS = {"rollout": BenchRollout}
 
 
@@ -165,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             COMMANDS,
             prog="improver",
             args=argv,
-            description="policy-improver. Commands: demo, rollout, generate, reward-model; benchmarks: `improver bench rollout`.",
+            description="policy-improver. Commands: demo, rollout, generate, reward-model, meta-train, improve; benchmarks: `improver bench rollout`.",
         )
     command.run()
 

@@ -39,6 +39,14 @@ class MLPPolicy(nn.Module):
         return self.net(observations)
 
 
+def placement(policy: Any) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype a policy's inputs should have: its parameters', or CPU float32."""
+    if isinstance(policy, nn.Module):
+        for parameter in policy.parameters():
+            return parameter.device, parameter.dtype
+    return torch.device("cpu"), torch.float32
+
+
 POLICY_CLASSES: dict[str, Callable[..., nn.Module]] = {"MLPPolicy": MLPPolicy}
 
 
@@ -71,12 +79,18 @@ def load_policy(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
             f"{path} holds an incompatible policy checkpoint (format {config.get('format_version')!r}, "
             f"class {config.get('class')!r}); this version reads format {FORMAT_VERSION} of {sorted(POLICY_CLASSES)}"
         )
-    kwargs = dict(config["kwargs"])
-    if "hidden" in kwargs:
-        kwargs["hidden"] = tuple(kwargs["hidden"])
-    policy = POLICY_CLASSES[config["class"]](**kwargs)
     try:
-        policy.load_state_dict(load_file(weights_file))
+        policy = build_policy(config["class"], config["kwargs"], load_file(weights_file))
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not fit the architecture in config.json: {err}") from err
-    return policy.eval(), config["record"]
+    return policy, config["record"]
+
+
+def build_policy(name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    """Instantiate the registered policy class ``name`` with ``kwargs`` and load ``state`` (eval mode)."""
+    kwargs = dict(kwargs)
+    if "hidden" in kwargs:
+        kwargs["hidden"] = tuple(kwargs["hidden"])
+    policy = POLICY_CLASSES[name](**kwargs)
+    policy.load_state_dict(state)
+    return policy.eval()

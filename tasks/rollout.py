@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from improver.policies import placement as policy_placement
 from improver.types import Policy, TaskInfo, Trajectory
 
 from .rendering import RenderConfig, to_chw
@@ -19,13 +20,6 @@ from .suite import Task
 def episode_seeds(seed: int, count: int) -> list[int]:
     """The reset seeds of ``count`` episodes collected with ``seed``."""
     return [int(s) for s in np.random.default_rng(seed).integers(0, 2**31 - 1, size=count)]
-
-
-def _policy_placement(policy: Policy) -> tuple[torch.device, torch.dtype]:
-    if isinstance(policy, torch.nn.Module):
-        for tensor in policy.parameters():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
 
 
 def _bind(policy: Policy, infos: Sequence[TaskInfo]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -96,7 +90,7 @@ def rollout(
         raise ValueError(f"max_steps must be positive; got {max_steps}")
     slots = [task for task in tasks for _ in range(episodes)]
     seeds = episode_seeds(seed, len(slots))
-    placement = _policy_placement(policy)
+    placement = policy_placement(policy)
     parts = []
     budget = sum(min(task.max_steps, max_steps or task.max_steps) for task in slots)
     with tqdm(total=budget, unit="step", desc="rollout", disable=not progress, leave=False) as bar:

@@ -19,11 +19,9 @@ from improver.tasks import relabel, rollout
 CONFIG = GenerateConfig("toy:reach2d", preset="tiny", seed=0)
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy-dataset")
-    generate(CONFIG, out, progress=False)
-    return out
+@pytest.fixture
+def dataset(toy_dataset):
+    return toy_dataset
 
 
 def checksums(root):
@@ -38,19 +36,17 @@ def test_examples_hold_policy_experience_and_targets(dataset):
     assert item["better_observations"].shape[0] == 2 and set(item["theta"]) >= {"net.0.weight"}
     record = json.loads(item["record"])
     assert 0.0 <= record["success"] <= 1.0 and record["recipe"]["epochs"] == 5
-    lesser = data.lesser_trajectory(0)
+    example = data.example(0)
+    lesser = example.lesser
     # the target is the expert's action on the states the lesser policy visited
     from improver.tasks import make_suite
 
     expert_actions = relabel(make_suite("toy:reach2d").expert, lesser)
-    assert torch.allclose(expert_actions, item["target_actions"])
+    assert torch.allclose(expert_actions, item["target_actions"]) and torch.equal(example.target_actions, item["target_actions"])
     # and the stored parameters reproduce the lesser policy's actions
-    from improver.policies import MLPPolicy
-
-    policy = MLPPolicy(4, 2, tuple(json.loads(item["architecture"])["hidden"]))
-    policy.load_state_dict(item["theta"])
     with torch.no_grad():
-        assert torch.allclose(policy(lesser.observations[:, 0]), lesser.actions[:, 0], atol=1e-5)
+        assert torch.allclose(example.policy(lesser.observations[:, 0]), lesser.actions[:, 0], atol=1e-5)
+    assert example.record == record and example.better.num_episodes == 2
 
 
 def test_streams_through_a_dataloader(dataset):

@@ -1,0 +1,49 @@
+"""The improvement loop, used like an RL loop: collect episodes with the policy, ``step``, repeat."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any, Literal, Sequence
+
+from torch import nn
+
+from .operator import Improver
+from .tasks import Task, rollout
+from .tasks.evaluation import spread
+
+
+def improve(
+    improver: Improver,
+    policy: nn.Module,
+    tasks: Task | Sequence[Task],
+    steps: int = 3,
+    episodes: int = 10,
+    seed: int = 0,
+    mode: Literal["parameters", "behaviour"] = "parameters",
+    reward_free: bool = False,
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Run ``steps`` improvement steps of ``episodes`` episodes each (spread over ``tasks``).
+
+    Returns the final policy and one row per step (step 0 is the starting policy): success rate,
+    mean return, env steps used so far and wall time.
+    """
+    tasks = spread([tasks] if isinstance(tasks, Task) else list(tasks), episodes)
+    rows, env_steps, start = [], 0, time.perf_counter()
+    for k in range(steps + 1):
+        experience = rollout(policy, tasks, 1, seed=seed + k, progress=False)
+        env_steps += int(experience.lengths.sum())
+        rows.append(
+            {
+                "step": k,
+                "success": float(experience.success.float().mean()),
+                "mean_return": float(experience.returns.mean()),
+                "env_steps": env_steps,
+                "wall_s": time.perf_counter() - start,
+            }
+        )
+        if k < steps:
+            if reward_free:
+                experience = replace(experience, rewards=None)
+            policy = improver.step(policy, experience, mode=mode)
+    return policy, rows

@@ -1,0 +1,122 @@
+import copy
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from improver.network import NetworkConfig
+from improver.operator import BehaviourPolicy, Improver
+from improver.policies import MLPPolicy
+from improver.tasks import rollout
+
+
+@pytest.fixture(scope="module")
+def improver():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Improver(NetworkConfig(4, 2, width=32), distill_steps=5)
+
+
+@pytest.fixture(scope="module")
+def experience(toy):
+    return rollout(MLPPolicy(4, 2), toy.tasks("test")[:3], 2, progress=False)
+
+
+class TwoHeaded(nn.Module):
+    """A policy architecture the package does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 16), nn.ELU())
+        self.left, self.right = nn.Linear(16, 1), nn.Linear(16, 1)
+
+    def forward(self, obs):
+        h = self.trunk(obs)
+        return torch.tanh(torch.cat([self.left(h), self.right(h)], dim=-1))
+
+
+@pytest.mark.parametrize("make", [lambda: MLPPolicy(4, 2), TwoHeaded, lambda: MLPPolicy(4, 2).double()])
+def test_parameters_step_returns_a_changed_copy_and_leaves_the_input_alone(improver, experience, make):
+    policy = make()
+    before = copy.deepcopy(policy.state_dict())
+    improved = improver.step(policy, experience)
+    assert type(improved) is type(policy) and improved is not policy
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    after = improved.state_dict()
+    assert after.keys() == before.keys() and all(after[k].shape == before[k].shape and after[k].dtype == before[k].dtype for k in after)
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+def test_distillation_moves_the_policy_toward_the_head(improver, experience):
+    policy = MLPPolicy(4, 2)
+    z = improver.context(policy, experience)
+    states = experience.observations[experience.mask]
+    with torch.no_grad():
+        target = improver.net.head.act(improver.net.normalize(states), z)
+        gap_before = (policy(states) - target).pow(2).mean()
+        gap_after = (improver.step(policy, experience)(states) - target).pow(2).mean()
+    assert gap_after < gap_before
+
+
+def test_behaviour_step_acts_with_the_head(improver, experience):
+    behaviour = improver.step(MLPPolicy(4, 2), experience, mode="behaviour")
+    assert isinstance(behaviour, BehaviourPolicy)
+    actions = behaviour(experience.observations[:, 0])
+    assert actions.shape == (experience.num_episodes, 2) and actions.abs().max() <= 1
+
+
+def test_bad_input(improver, experience):
+    with pytest.raises(ValueError, match="4-d observations"):
+        improver.step(MLPPolicy(5, 2), replace(experience, observations=torch.zeros(6, 40, 5)))
+    with pytest.raises(ValueError, match="actions of shape"):
+        improver.step(MLPPolicy(4, 3), experience)
+    with pytest.raises(ValueError, match="no rewards"):
+        improver.step(MLPPolicy(4, 2), replace(experience, rewards=None))
+    with pytest.raises(ValueError, match="mode must be"):
+        improver.step(MLPPolicy(4, 2), experience, mode="magic")
+    with pytest.raises(TypeError, match="Trajectory"):
+        improver.step(MLPPolicy(4, 2), {"observations": experience.observations})
+
+
+def test_reward_free_experience_uses_the_ranking_reward(improver, experience, toy):
+    from improver.augment.drex import NoiseLadder, ranked_family
+    from improver.augment.ranking_reward import RewardModelConfig, train_reward_model
+
+    family = ranked_family(toy.expert, toy.tasks("train")[:2], NoiseLadder((1.0, 0.0)), 1, seed=0)
+    with_rm = copy.deepcopy(improver)
+    with_rm.reward_model = train_reward_model(family.trajectory, family.ranks, RewardModelConfig(steps=5, pairs=20, snippet=(5, 10)), progress=False)
+    improved = with_rm.step(MLPPolicy(4, 2), replace(experience, rewards=None))
+    assert isinstance(improved, MLPPolicy)
+
+
+def test_save_and_load(improver, experience, tmp_path):
+    improver.save_pretrained(tmp_path / "imp", metadata={"note": "test"})
+    loaded = Improver.from_pretrained(tmp_path / "imp")
+    policy = MLPPolicy(4, 2)
+    torch.testing.assert_close(loaded.context(policy, experience), improver.context(policy, experience))
+    with pytest.raises(ValueError, match="do not fit"):
+        other = Improver(NetworkConfig(4, 2, width=16), distill_steps=5)
+        other.save_pretrained(tmp_path / "small")
+        config = (tmp_path / "small" / "config.json").read_text().replace('"width": 16', '"width": 32')
+        (tmp_path / "small" / "config.json").write_text(config)
+        Improver.from_pretrained(tmp_path / "small")
+    with pytest.raises(FileNotFoundError, match="not an improver checkpoint"):
+        Improver.from_pretrained(tmp_path)
+
+
+def test_step_time_for_ten_long_episodes_is_printed(toy):
+    improver = Improver(NetworkConfig(39, 4))
+    experience = rollout(MLPPolicy(39, 4), _long_tasks(), 1, progress=False)
+    policy = MLPPolicy(39, 4)
+    improver.step(policy, experience)  # warm-up
+    start = time.perf_counter()
+    improver.step(policy, experience)
+    print(f"step time, MLP policy, 10 episodes x 500 steps: {time.perf_counter() - start:.3f} s")
+
+
+def _long_tasks():
+    from improver.tasks import make_suite
+
+    return make_suite("ML1:push-v3").tasks("test")[:10]
