@@ -84,13 +84,15 @@ def example_loss(improver: Improver, example: Example, distill_states: int, dist
     nll = -net.head.log_prob(net.normalize(states), z, targets).mean()
     # The likelihood alone does not make the most likely component's mean the right action.
     mode = nn.functional.mse_loss(net.head.act(net.normalize(states), z), targets)
-    lesser_states = lesser.observations[lesser.mask]
-    pick = torch.randperm(len(lesser_states), generator=generator)[:distill_states].to(device)
-    check = torch.randperm(len(states), generator=generator)[:distill_states].to(device)
-    distilled = improver.distill(
-        policy, lesser_states[pick], net.head.act(net.normalize(lesser_states[pick]), z), differentiable=True, probe=states[check]
-    )
-    distill = nn.functional.mse_loss(distilled, targets[check])
+    distill = torch.zeros((), device=device)
+    if distill_weight > 0:
+        lesser_states = lesser.observations[lesser.mask]
+        pick = torch.randperm(len(lesser_states), generator=generator)[:distill_states].to(device)
+        check = torch.randperm(len(states), generator=generator)[:distill_states].to(device)
+        distilled = improver.distill(
+            policy, lesser_states[pick], net.head.act(net.normalize(lesser_states[pick]), z), differentiable=True, probe=states[check]
+        )
+        distill = nn.functional.mse_loss(distilled, targets[check])
     loss = nll + mode + distill_weight * distill
     return loss, {"nll": nll.item(), "mode_mse": mode.item(), "distill_mse": distill.item()}
 
