@@ -120,3 +120,26 @@ def _long_tasks():
     from improver.tasks import make_suite
 
     return make_suite("ML1:push-v3").tasks("test")[:10]
+
+
+def test_improvement_loop_and_command(improver, toy, tmp_path, capsys):
+    from improver.cli import main
+    from improver.loop import improve
+    from improver.policies import save_policy
+
+    final, rows = improve(improver, MLPPolicy(4, 2), toy.tasks("test")[:2], steps=2, episodes=4)
+    assert [r["step"] for r in rows] == [0, 1, 2] and isinstance(final, MLPPolicy)
+    assert [r["env_steps"] for r in rows] == [160, 320, 480]
+    assert all(0.0 <= r["success"] <= 1.0 for r in rows)
+    _, free_rows = improve(improver, MLPPolicy(4, 2), toy.tasks("test")[:2], steps=1, episodes=2, mode="behaviour")
+    assert len(free_rows) == 2
+
+    improver.save_pretrained(tmp_path / "imp")
+    save_policy(MLPPolicy(4, 2), tmp_path / "policy")
+    main(["improve", "--policy", str(tmp_path / "policy"), "--improver", str(tmp_path / "imp"), "--suite", "toy:reach2d",
+          "--task-index", "0", "--steps", "1", "--episodes", "2", "--out", str(tmp_path / "better")])
+    assert "| step" in capsys.readouterr().out
+    from improver.policies import load_policy
+
+    _, record = load_policy(tmp_path / "better")
+    assert record["improved_steps"] == 1 and len(record["rows"]) == 2
