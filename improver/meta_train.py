@@ -8,6 +8,7 @@ steps with ``higher``. One code path for CPU, one GPU and several processes.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,6 +114,8 @@ def meta_train(
     out = Path(out)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard", project_dir=out)
     improver = improver.to(accelerator.device)
+    if accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))  # no oversubscription
     resume = _resume_point(out)
     if resume is None:
         fit_normalization(improver, dataset)

@@ -59,14 +59,16 @@ def test_killed_meta_training_resumes_to_the_same_result(toy_dataset, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_train_like_one(toy_dataset, tmp_path):
+def test_two_processes_take_the_same_step_as_one(toy_dataset, tmp_path):
+    # One step: the gradient summed over two processes equals one process's up to float order.
+    # Over many steps Adam's normalisation amplifies those 1e-7 differences, so compare one.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"]
-    one = cli(toy_dataset, tmp_path / "one", "--steps", "4")
-    two = launch + ["-m"] + cli(toy_dataset, tmp_path / "two", "--steps", "4")[2:]
+    one = cli(toy_dataset, tmp_path / "one", "--steps", "1")
+    two = launch + ["-m"] + cli(toy_dataset, tmp_path / "two", "--steps", "1")[2:]
     subprocess.run(one, check=True, capture_output=True)
     subprocess.run(two, check=True, capture_output=True, timeout=300)
     a = load_file(tmp_path / "one" / "improver" / "model.safetensors")
     b = load_file(tmp_path / "two" / "improver" / "model.safetensors")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
