@@ -76,7 +76,8 @@ def example_loss(improver: Improver, example: Example, distill_states: int, dist
     net = improver.net
     lesser, better = example.lesser.to(device), example.better.to(device)
     policy = example.policy.to(device)
-    probes = net.probe_states(lesser)
+    real = lesser.observations[lesser.mask]
+    probes = real[net.probe_index(len(real))]
     with torch.no_grad():
         probe_actions = policy(probes)
     z = net.encode(lesser, probe_actions, probes)

@@ -8,8 +8,6 @@ them into a context ``z``, and predicts better behaviour ``g(a | s, z)`` as a Ga
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -131,11 +129,9 @@ class ImprovementNet(nn.Module):
         """Step indices that become tokens."""
         return torch.arange(0, steps, self.config.token_stride)
 
-    def probe_states(self, experience: Trajectory) -> torch.Tensor:
-        """``[probes, obs_dim]`` states spread evenly over the experience's real steps."""
-        real = experience.observations[experience.mask]
-        index = torch.linspace(0, len(real) - 1, self.config.probes).round().long()
-        return real[index]
+    def probe_index(self, count: int) -> torch.Tensor:
+        """Indices of ``config.probes`` probe points spread evenly over ``count`` candidates."""
+        return torch.linspace(0, count - 1, self.config.probes).round().long()
 
     def encode(self, experience: Trajectory, policy_actions: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
         """Context ``z`` ``[width]`` from one batch of episodes and the policy's actions on ``probes``."""
@@ -163,10 +159,3 @@ class ImprovementNet(nn.Module):
         # Each token sees the latest frame rendered at or before its step.
         latest = (torch.searchsorted(experience.frame_steps.to(steps.device), steps, right=True) - 1).clamp(min=0)
         return features[:, latest]
-
-    def context_for(self, experience: Trajectory, policy: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``z`` for ``experience`` gathered by ``policy`` (fingerprinted on probe states)."""
-        probes = self.probe_states(experience)
-        with torch.no_grad():
-            actions = torch.as_tensor(policy(probes)).to(probes)
-        return self.encode(experience, actions, probes)

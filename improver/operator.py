@@ -27,6 +27,27 @@ from .types import Trajectory
 FORMAT_VERSION = 1
 
 
+PolicyInputs = Literal["observations", "frames"]
+
+
+def policy_inputs_of(experience: Trajectory, inputs: PolicyInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experience's real steps as ``(states [N, obs_dim], what the policy reads [N, ...])``.
+
+    For ``"frames"`` only the rendered steps count, and frames become floats in ``[0, 1]``.
+    """
+    if inputs == "observations":
+        states = experience.observations[experience.mask]
+        return states, states
+    if inputs != "frames":
+        raise ValueError(f"inputs must be 'observations' or 'frames'; got {inputs!r}")
+    if experience.frames is None:
+        raise ValueError("a pixel policy needs frames: collect the experience with render=RenderConfig(...)")
+    rendered = experience.frame_steps[None, :] < experience.lengths[:, None]  # [B, F]
+    steps = experience.frame_steps.expand_as(rendered)[rendered]
+    episodes = torch.arange(experience.num_episodes)[:, None].expand_as(rendered)[rendered]
+    return experience.observations[episodes, steps], experience.frames[rendered].float() / 255.0
+
+
 class BehaviourPolicy(nn.Module):
     """Acts with the improved-behaviour head ``g`` under a fixed context ``z`` (behaviour mode)."""
 
@@ -63,7 +84,7 @@ class Improver(nn.Module):
         """Number of distillation steps in parameters mode."""
         return self.log_lrs.numel()
 
-    def _check(self, policy: nn.Module | Any, experience: Trajectory) -> Trajectory:
+    def _check(self, policy: nn.Module | Any, experience: Trajectory, inputs: str) -> Trajectory:
         obs_dim, act_dim = self.config.obs_dim, self.config.act_dim
         if not isinstance(experience, Trajectory):
             raise TypeError(f"experience must be a Trajectory (from improver.tasks.rollout); got {type(experience).__name__}")
@@ -71,77 +92,105 @@ class Improver(nn.Module):
             raise ValueError(f"this improver was trained on {obs_dim}-d observations; the experience has {experience.observations.shape[-1]}")
         if experience.actions.shape[-1] != act_dim:
             raise ValueError(f"this improver was trained on {act_dim}-d actions; the experience has {experience.actions.shape[-1]}")
+        _, policy_inputs = policy_inputs_of(experience, inputs)
         device, dtype = placement(policy)
         with torch.no_grad():
-            out = policy(experience.observations[:1, 0].to(device, dtype))
-        if tuple(out.shape) != (1, act_dim):
-            raise ValueError(f"the policy returns actions of shape {tuple(out.shape[1:])}; the experience's actions have size {act_dim}")
+            out = policy(policy_inputs[:1].to(device, dtype))
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, act_dim):
+            shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"the policy must map a batch of {inputs} to [B, {act_dim}] actions; it returned {shape} "
+                "(recurrent policies are not supported; wrap an SB3 policy in improver.integrations.sb3.SB3Actor)"
+            )
         if experience.rewards is None:
             if self.reward_model is None:
                 raise ValueError("the experience has no rewards and this improver has no ranking reward model to supply them")
             experience = replace(experience, rewards=self.reward_model.predict(experience.to("cpu")).to(experience.observations))
         return experience
 
-    def context(self, policy: nn.Module, experience: Trajectory) -> torch.Tensor:
-        """Context ``z`` ``[width]`` summarising the policy and its experience."""
+    def context(self, policy: nn.Module, experience: Trajectory, inputs: PolicyInputs = "observations") -> torch.Tensor:
+        """Context ``z`` ``[width]`` summarising the policy (acting on ``inputs``) and its experience."""
         device = self.log_lrs.device
         experience = experience.to(device)
+        states, policy_inputs = policy_inputs_of(experience, inputs)
+        probes = self.net.probe_index(len(states))
         policy_device, policy_dtype = placement(policy)
-        return self.net.context_for(experience, lambda s: policy(s.to(policy_device, policy_dtype)).to(device, torch.float32))
+        with torch.no_grad():
+            actions = policy(policy_inputs[probes].to(policy_device, policy_dtype)).to(device, torch.float32)
+        return self.net.encode(experience, actions, states[probes])
 
-    def step(self, policy: nn.Module, experience: Trajectory, mode: Literal["parameters", "behaviour"] = "parameters") -> nn.Module:
+    def step(
+        self,
+        policy: nn.Module,
+        experience: Trajectory,
+        mode: Literal["parameters", "behaviour"] = "parameters",
+        inputs: PolicyInputs = "observations",
+    ) -> nn.Module:
         """One improvement step. The input policy is never modified.
 
         Args:
-            policy: The current policy (any ``nn.Module`` mapping ``[B, obs_dim]`` to ``[B, act_dim]``).
+            policy: The current policy: any ``nn.Module`` mapping a batch of its inputs to
+                ``[B, act_dim]`` actions.
             experience: Episodes collected with ``policy``; rewards may be missing if this improver
                 carries a ranking reward model.
             mode: ``"parameters"``: a copy of ``policy`` (same class and architecture) distilled
-                toward the improved behaviour; ``"behaviour"``: a module acting with ``g`` and ``z``.
+                toward the improved behaviour; ``"behaviour"``: a module acting with ``g`` and ``z``
+                on observations.
+            inputs: What the policy reads: ``"observations"`` ``[B, obs_dim]``, or ``"frames"``
+                (a pixel policy): float ``[B, 3, H, W]`` in ``[0, 1]``, from the experience's frames.
 
         Returns:
             The improved policy.
         """
-        experience = self._check(policy, experience)
+        if mode not in ("parameters", "behaviour"):
+            raise ValueError(f"mode must be 'parameters' or 'behaviour'; got {mode!r}")
+        experience = self._check(policy, experience, inputs)
         with torch.no_grad():
-            z = self.context(policy, experience)
+            z = self.context(policy, experience, inputs)
         if mode == "behaviour":
             return BehaviourPolicy(copy.deepcopy(self.net), z).eval()
-        if mode != "parameters":
-            raise ValueError(f"mode must be 'parameters' or 'behaviour'; got {mode!r}")
-        states = experience.observations[experience.mask].to(self.log_lrs.device)
+        states, policy_inputs = policy_inputs_of(experience.to(self.log_lrs.device), inputs)
         with torch.no_grad():
             targets = self.net.head.act(self.net.normalize(states), z)
-        improved = copy.deepcopy(policy)
-        final = self.distill(improved, states, targets, differentiable=False)
-        with torch.no_grad():
-            for parameter, value in zip(improved.parameters(), final):
-                parameter.copy_(value.to(parameter))
-        return improved.eval()
+        return self.distill(copy.deepcopy(policy), policy_inputs, targets, differentiable=False).eval()
 
     def distill(
         self, policy: nn.Module, states: torch.Tensor, targets: torch.Tensor, differentiable: bool, probe: torch.Tensor | None = None
     ) -> Any:
         """Move ``policy`` toward ``targets`` on ``states`` with the meta-learned steps and trust region.
 
-        With ``differentiable`` the steps are traced by ``higher`` so that a loss on the result
-        trains the step sizes, the trust region and ``g``; then the distilled policy's actions on
-        ``probe`` are returned. Otherwise the final parameters are returned.
+        With ``differentiable`` the steps are traced by ``higher`` on a functional copy, so that a
+        loss on the result trains the step sizes, the trust region and ``g``; the distilled
+        policy's actions on ``probe`` are returned. Otherwise ``policy`` itself is updated in place
+        (pass a copy) with the same rule and returned; that path needs no ``higher``, which cannot
+        patch every module class (stable-baselines3's ABC-based policies, for one).
         """
         device, dtype = placement(policy)
         states, targets = states.to(device, dtype), targets.to(device, dtype)
         start = [p.detach().clone() for p in policy.parameters()]
-        lrs, trust = self.log_lrs.exp(), self.log_trust.exp()
-        optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
-        # Distillation needs gradients even when the caller runs step() under torch.no_grad().
-        with torch.enable_grad(), higher.innerloop_ctx(policy, optimizer, copy_initial_weights=True, track_higher_grads=differentiable) as (fmodel, diffopt):
-            for k in range(self.distill_steps):
-                fit = nn.functional.mse_loss(fmodel(states), targets)
-                drift = sum(((p - p0) ** 2).sum() for p, p0 in zip(fmodel.parameters(), start))
-                diffopt.step(fit + trust.to(dtype) * drift, override={"lr": [lrs[k].to(dtype)]})
-            if differentiable:
+        lrs, trust = self.log_lrs.exp().to(dtype), self.log_trust.exp().to(dtype)
+
+        def objective(actions: torch.Tensor, parameters: Any) -> torch.Tensor:
+            drift = sum(((p - p0) ** 2).sum() for p, p0 in zip(parameters, start))
+            return nn.functional.mse_loss(actions, targets) + trust * drift
+
+        if differentiable:
+            optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+            with higher.innerloop_ctx(policy, optimizer, copy_initial_weights=True) as (fmodel, diffopt):
+                for k in range(self.distill_steps):
+                    diffopt.step(objective(fmodel(states), fmodel.parameters()), override={"lr": [lrs[k]]})
                 return fmodel(probe.to(device, dtype))
-            return [p.detach() for p in fmodel.parameters()]
+        parameters = list(policy.parameters())
+        lrs, trust = lrs.detach(), trust.detach()
+        # Distillation needs gradients even when the caller runs step() under torch.no_grad().
+        with torch.enable_grad():
+            for k in range(self.distill_steps):
+                grads = torch.autograd.grad(objective(policy(states), parameters), parameters, allow_unused=True)
+                with torch.no_grad():
+                    for parameter, grad in zip(parameters, grads):
+                        if grad is not None:
+                            parameter -= lrs[k] * grad
+        return policy
 
     def save_pretrained(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
         """Write ``model.safetensors`` and ``config.json`` (with versions) to the folder ``path``, atomically."""

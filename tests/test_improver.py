@@ -37,6 +37,44 @@ class TwoHeaded(nn.Module):
         return torch.tanh(torch.cat([self.left(h), self.right(h)], dim=-1))
 
 
+class Recurrent(nn.Module):
+    """Returns (actions, hidden state), as recurrent policies do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 8, batch_first=True)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, obs):
+        h, state = self.rnn(obs[:, None])
+        return self.out(h[:, -1]), state
+
+
+class PixelPolicy(nn.Module):
+    """A CNN from [B, 3, 32, 32] frames to actions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 5, stride=2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2), nn.Tanh())
+        self.net(torch.zeros(1, 3, 32, 32))
+
+    def forward(self, frames):
+        return self.net(frames)
+
+
+def test_pixel_cnn_policy(improver, toy):
+    from improver.tasks import RenderConfig
+
+    experience = rollout(MLPPolicy(4, 2), toy.tasks("test")[:2], 1, render=RenderConfig(every=4, size=32), progress=False)
+    policy = PixelPolicy()
+    before = copy.deepcopy(policy.state_dict())
+    improved = improver.step(policy, experience, inputs="frames")
+    assert type(improved) is PixelPolicy
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in improved.state_dict().items())
+    assert improved(experience.frames[:, 0].float() / 255).shape == (2, 2)
+
+
 @pytest.mark.parametrize("make", [lambda: MLPPolicy(4, 2), TwoHeaded, lambda: MLPPolicy(4, 2).double()])
 def test_parameters_step_returns_a_changed_copy_and_leaves_the_input_alone(improver, experience, make):
     policy = make()
@@ -70,8 +108,12 @@ def test_behaviour_step_acts_with_the_head(improver, experience):
 def test_bad_input(improver, experience):
     with pytest.raises(ValueError, match="4-d observations"):
         improver.step(MLPPolicy(5, 2), replace(experience, observations=torch.zeros(6, 40, 5)))
-    with pytest.raises(ValueError, match="actions of shape"):
+    with pytest.raises(ValueError, match=r"to \[B, 2\] actions; it returned \(3,\)"):
         improver.step(MLPPolicy(4, 3), experience)
+    with pytest.raises(ValueError, match="recurrent policies are not supported"):
+        improver.step(Recurrent(), experience)
+    with pytest.raises(ValueError, match="needs frames"):
+        improver.step(MLPPolicy(4, 2), experience, inputs="frames")
     with pytest.raises(ValueError, match="no rewards"):
         improver.step(MLPPolicy(4, 2), replace(experience, rewards=None))
     with pytest.raises(ValueError, match="mode must be"):
@@ -143,3 +185,20 @@ def test_improvement_loop_and_command(improver, toy, tmp_path, capsys):
 
     _, record = load_policy(tmp_path / "better")
     assert record["improved_steps"] == 1 and len(record["rows"]) == 2
+
+
+def test_stable_baselines3_policy(improver, experience, toy):
+    from stable_baselines3 import PPO
+
+    from improver.integrations.sb3 import SB3Actor, improve_sb3
+
+    model = PPO("MlpPolicy", toy.tasks("train")[0].make_env(), n_steps=64, batch_size=32, device="cpu", seed=0)
+    before = copy.deepcopy(model.policy.state_dict())
+    improved = improver.step(SB3Actor(model.policy), experience)
+    assert type(improved.policy) is type(model.policy)
+    assert all(torch.equal(before[k], v) for k, v in model.policy.state_dict().items())  # input untouched
+    assert any(not torch.equal(before[k], v) for k, v in improved.policy.state_dict().items())
+    improve_sb3(improver, model, experience)
+    assert any(not torch.equal(before[k], v) for k, v in model.policy.state_dict().items())
+    action, _ = model.predict(experience.observations[0, 0].numpy(), deterministic=True)
+    assert action.shape == (2,)

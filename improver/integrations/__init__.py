@@ -1,0 +1,1 @@
+"""Adapters that let the improver work inside other libraries' training loops."""
