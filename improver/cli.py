@@ -146,6 +146,10 @@ class MetaTrain:
     """Watch frames too (the dataset must have them)."""
     seed: int = 0
     """Seed of the weights, example order and state sampling."""
+    validation: Path | None = None
+    """A held-out dataset (`improver generate --split test`) to measure success after a step on."""
+    validate_every: int = 0
+    """Steps between validations (0: only at the end)."""
 
     def run(self) -> None:
         import torch
@@ -161,8 +165,11 @@ class MetaTrain:
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             improver = Improver(network)
-        config = MetaTrainConfig(self.steps, self.batch_size, self.lr, checkpoint_every=self.checkpoint_every, seed=self.seed)
-        meta_train(improver, dataset, config, self.out)
+        config = MetaTrainConfig(
+            self.steps, self.batch_size, self.lr, checkpoint_every=self.checkpoint_every, validate_every=self.validate_every, seed=self.seed
+        )
+        validation = ImprovementDataset(self.validation) if self.validation else None
+        meta_train(improver, dataset, config, self.out, validation=validation)
         print(f"wrote {self.out / 'improver'}")
 
 

@@ -47,3 +47,24 @@ def improve(
                 experience = replace(experience, rewards=None)
             policy = improver.step(policy, experience, mode=mode)
     return policy, rows
+
+
+def heldout_success(
+    improver: Improver, dataset: Any, episodes: int = 2, seed: int = 0, mode: Literal["parameters", "behaviour"] = "parameters"
+) -> dict[str, float]:
+    """Success of a dataset's lesser policies on their own tasks before and after one ``step``.
+
+    Meant for a dataset of held-out tasks (``improver generate --split test``); each example's
+    stored episodes are the experience the step sees.
+    """
+    from .tasks import make_suite
+
+    before, after = [], []
+    for i in range(len(dataset)):
+        example = dataset.example(i)
+        info = example.lesser.tasks[0]
+        task = make_suite(info.suite, info.suite_seed).tasks(info.split)[info.index]
+        improved = improver.step(example.policy, example.lesser, mode=mode)
+        for policy, results in ((example.policy, before), (improved, after)):
+            results.append(float(rollout(policy, task, episodes, seed=seed, progress=False).success.float().mean()))
+    return {"success_before": sum(before) / len(before), "success_after": sum(after) / len(after)}

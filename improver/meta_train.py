@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from improver.augment.dataset import Example, ImprovementDataset
 from improver.augment.noise import derive_seed
 
+from .loop import heldout_success
 from .operator import Improver
 
 
@@ -39,6 +40,8 @@ class MetaTrainConfig:
     """States sampled per example for the differentiable distillation."""
     checkpoint_every: int = 50
     """Steps between checkpoints (``accelerator.save_state``)."""
+    validate_every: int = 0
+    """Steps between held-out validations (0: only at the end); needs a validation dataset."""
     seed: int = 0
     """Seed of the example order and state sampling."""
 
@@ -106,11 +109,15 @@ def meta_train(
     out: str | Path,
     accelerator: Accelerator | None = None,
     progress: bool = True,
+    validation: ImprovementDataset | None = None,
 ) -> Improver:
     """Meta-train ``improver`` on ``dataset``; checkpoints in ``out/checkpoints``, TensorBoard logs in ``out``.
 
     A run whose ``out`` already holds a checkpoint resumes from it and ends where an
-    uninterrupted run would have. Returns the trained improver (also written to ``out/improver``).
+    uninterrupted run would have. With a ``validation`` dataset of held-out tasks, the success
+    of its lesser policies after one ``step`` is measured (in the environment) and logged as
+    ``val/success_before`` and ``val/success_after``. Returns the trained improver (also
+    written to ``out/improver``).
     """
     out = Path(out)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard", project_dir=out)
@@ -151,6 +158,12 @@ def meta_train(
         accelerator.log(metrics, step=state.step)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if validation is not None and accelerator.is_main_process and (
+            state.step == config.steps or (config.validate_every and state.step % config.validate_every == 0)
+        ):
+            scores = heldout_success(improver, validation, seed=config.seed)
+            accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=state.step)
+            bar.write(f"step {state.step}: held-out success {scores['success_before']:.2f} -> {scores['success_after']:.2f} after one step")
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
             _checkpoint(accelerator, out)
     bar.close()

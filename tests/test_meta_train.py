@@ -36,6 +36,23 @@ def test_meta_training_lowers_the_loss(toy_dataset, tmp_path):
     assert any(p.name.startswith("events") for p in (tmp_path / "meta_train").iterdir())  # TensorBoard
 
 
+def test_validation_measures_held_out_success_after_a_step(toy_dataset, tmp_path):
+    from improver.augment.generate import GenerateConfig, generate
+
+    generate(GenerateConfig("toy:reach2d", split="test", preset="tiny"), tmp_path / "heldout", progress=False)
+    validation = ImprovementDataset(tmp_path / "heldout")
+    assert {validation.example(i).lesser.tasks[0].split for i in range(len(validation))} == {"test"}
+    config = MetaTrainConfig(steps=2, batch_size=2, distill_states=32, validate_every=1)
+    meta_train(fresh_improver(), ImprovementDataset(toy_dataset), config, tmp_path / "run", progress=False, validation=validation)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "meta_train")).Reload()
+    tags = events.Tags()["scalars"]
+    assert "val/success_after" in tags and "val/success_before" in tags
+    values = [e.value for e in events.Scalars("val/success_after")]
+    assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
+
+
 def cli(data, out, *extra):
     return [
         sys.executable, "-m", "improver.cli", "meta-train", "--data", str(data), "--out", str(out),
