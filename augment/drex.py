@@ -115,5 +115,5 @@ def check_noise_ranking(family: RankedFamily, warn: bool = True) -> list[dict[st
         )
     failed = [f"{r['family']}[{r['split']} {r['index']}]" for r in rows if not r["holds"]]
     if warn and failed:
-        warnings.warn(f"D-REX assumption (more noise, lower return) fails on {len(failed)} task(s): {', '.join(failed)}")
+        warnings.warn(f"D-REX assumption (more noise, lower return) fails on {len(failed)} task(s): {', '.join(failed)}", stacklevel=2)
     return rows

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import time
 
-import h5py
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -14,7 +13,7 @@ from improver.augment.dataset import ImprovementDataset, read_manifest
 from improver.augment.generate import GenerateConfig, generate
 from improver.augment.zoo import ZooRecipe, train_member
 from improver.distill import fit_policy
-from improver.tasks import relabel, rollout
+from improver.tasks import relabel
 
 CONFIG = GenerateConfig("toy:reach2d", preset="tiny", seed=0)
 
