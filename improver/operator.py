@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .augment.ranking_reward import load_reward_model, save_reward_model
 from .io import atomic_path
 from .network import ImprovementNet, NetworkConfig
 from .policies import placement
@@ -193,7 +194,10 @@ class Improver(nn.Module):
         return policy
 
     def save_pretrained(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` (with versions) to the folder ``path``, atomically."""
+        """Write ``model.safetensors`` and ``config.json`` (with versions) to the folder ``path``, atomically.
+
+        A ranking reward model, if attached, is written to ``path/reward_model``.
+        """
         config = {
             "format_version": FORMAT_VERSION,
             "network": asdict(self.config),
@@ -205,6 +209,8 @@ class Improver(nn.Module):
             tmp.mkdir()
             save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("reward_model.")}, tmp / "model.safetensors")
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            if self.reward_model is not None:
+                save_reward_model(self.reward_model, tmp / "reward_model")
         return Path(path)
 
     @classmethod
@@ -221,4 +227,6 @@ class Improver(nn.Module):
             improver.load_state_dict(load_file(path / "model.safetensors"))
         except RuntimeError as err:
             raise ValueError(f"{path}: weights do not fit the network in config.json: {err}") from err
+        if (path / "reward_model").is_dir():
+            improver.reward_model = load_reward_model(path / "reward_model")
         return improver.eval()

@@ -122,7 +122,7 @@ def test_bad_input(improver, experience):
         improver.step(MLPPolicy(4, 2), {"observations": experience.observations})
 
 
-def test_reward_free_experience_uses_the_ranking_reward(improver, experience, toy):
+def test_reward_free_experience_uses_the_ranking_reward(improver, experience, toy, tmp_path):
     from improver.augment.drex import NoiseLadder, ranked_family
     from improver.augment.ranking_reward import RewardModelConfig, train_reward_model
 
@@ -131,6 +131,12 @@ def test_reward_free_experience_uses_the_ranking_reward(improver, experience, to
     with_rm.reward_model = train_reward_model(family.trajectory, family.ranks, RewardModelConfig(steps=5, pairs=20, snippet=(5, 10)), progress=False)
     improved = with_rm.step(MLPPolicy(4, 2), replace(experience, rewards=None))
     assert isinstance(improved, MLPPolicy)
+    with_rm.save_pretrained(tmp_path / "with_rm")
+    reloaded = Improver.from_pretrained(tmp_path / "with_rm")
+    policy = MLPPolicy(4, 2)
+    a = reloaded.step(policy, replace(experience, rewards=None))
+    b = with_rm.step(policy, replace(experience, rewards=None))
+    assert all(torch.allclose(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
 def test_save_and_load(improver, experience, tmp_path):
