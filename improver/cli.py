@@ -15,21 +15,28 @@ from .io import atomic_path
 
 @dataclass
 class Demo:
-    """Roll out the default suite's scripted experts on held-out tasks; print a table, write a video."""
+    """Improve lesser policies on held-out tasks with the shipped improver; print a table per step,
+    write a plot of success vs. step and before/after videos."""
 
-    suite: str = "ML1:push-v3"
-    """Suite to run on (its held-out `test` split)."""
+    pretrained: Path = Path("pretrained/reach-v3")
+    """Folder with improver/ and lesser/ (see scripts/train_pretrained.sh)."""
+    steps: int = 3
+    """Improvement steps."""
     episodes: int = 10
-    """Episodes, spread over the held-out tasks."""
+    """Episodes collected per step and policy."""
+    mode: Literal["parameters", "behaviour"] = "behaviour"
+    """Act with the improver's head, or distil it into each policy's own parameters."""
     out: Path = Path("demo_out")
-    """Folder for the video and the summary JSON."""
+    """Folder for the summary JSON, the plot and the videos."""
     seed: int = 0
-    """Seed of the suite and of the episodes."""
+    """Seed of the episodes."""
+    video: bool = True
+    """Write before/after videos of the first policy."""
 
     def run(self) -> None:
         from .demo import run_demo
 
-        run_demo(self.suite, self.episodes, self.out, self.seed)
+        run_demo(self.pretrained, self.out, self.steps, self.episodes, self.mode, self.seed, self.video)
 
 
 @dataclass
@@ -142,8 +149,17 @@ class MetaTrain:
     """Steps between checkpoints."""
     width: int = 64
     """Network width."""
+    token_stride: int = 10
+    """One experience token every this many steps (1 for short episodes)."""
+    distill_steps: int = 20
+    """Distillation steps of parameters mode (their sizes are meta-learned)."""
+    distill_weight: float = 1.0
+    """Weight of the distilled policy's error (0: train the behaviour head only, much faster)."""
     frames: bool = False
     """Watch frames too (the dataset must have them)."""
+    infer_goal: bool = True
+    """Infer the hidden goal from the experience's states and rewards, supervised with the goals
+    in the dataset's task records (see improver.network.GoalLocator)."""
     seed: int = 0
     """Seed of the weights, example order and state sampling."""
     validation: Path | None = None
@@ -161,12 +177,16 @@ class MetaTrain:
 
         dataset = ImprovementDataset(self.data)
         example = dataset.example(0)
-        network = NetworkConfig(example.lesser.observations.shape[-1], example.lesser.actions.shape[-1], width=self.width, use_frames=self.frames)
+        network = NetworkConfig(
+            example.lesser.observations.shape[-1], example.lesser.actions.shape[-1], width=self.width, use_frames=self.frames,
+            token_stride=self.token_stride, task_dim=len(example.lesser.tasks[0].goal) if self.infer_goal else 0,
+        )
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
-            improver = Improver(network)
+            improver = Improver(network, self.distill_steps)
         config = MetaTrainConfig(
-            self.steps, self.batch_size, self.lr, checkpoint_every=self.checkpoint_every, validate_every=self.validate_every, seed=self.seed
+            self.steps, self.batch_size, self.lr, distill_weight=self.distill_weight, checkpoint_every=self.checkpoint_every,
+            validate_every=self.validate_every, seed=self.seed,
         )
         validation = ImprovementDataset(self.validation) if self.validation else None
         meta_train(improver, dataset, config, self.out, validation=validation)

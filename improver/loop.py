@@ -11,6 +11,7 @@ from torch import nn
 from .operator import Improver
 from .tasks import Task, rollout
 from .tasks.evaluation import spread
+from .types import Trajectory
 
 
 def improve(
@@ -22,14 +23,21 @@ def improve(
     seed: int = 0,
     mode: Literal["parameters", "behaviour"] = "parameters",
     reward_free: bool = False,
+    memory: int = 1,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Run ``steps`` improvement steps of ``episodes`` episodes each (spread over ``tasks``).
+
+    Each step watches the episodes of the last ``memory`` steps (1: only the current policy's,
+    like an RL update; more: earlier policies' episodes too, which spread the visited states
+    the goal is located from).
 
     Returns the final policy and one row per step (step 0 is the starting policy): success rate,
     mean return, env steps used so far and wall time.
     """
     tasks = spread([tasks] if isinstance(tasks, Task) else list(tasks), episodes)
-    rows, env_steps, start = [], 0, time.perf_counter()
+    if memory < 1:
+        raise ValueError(f"memory must be at least 1 step; got {memory}")
+    rows, env_steps, start, history = [], 0, time.perf_counter(), []
     for k in range(steps + 1):
         experience = rollout(policy, tasks, 1, seed=seed + k, progress=False)
         env_steps += int(experience.lengths.sum())
@@ -45,7 +53,8 @@ def improve(
         if k < steps:
             if reward_free:
                 experience = replace(experience, rewards=None)
-            policy = improver.step(policy, experience, mode=mode)
+            history = [*history, experience][-memory:]
+            policy = improver.step(policy, Trajectory.cat(history), mode=mode)
     return policy, rows
 
 

@@ -36,6 +36,17 @@ class MetaTrainConfig:
     """Adam learning rate."""
     distill_weight: float = 1.0
     """Weight of the distilled policy's error against the behaviour head's likelihood."""
+    task_weight: float = 1.0
+    """Weight of the task-inference error (the goal estimate against the episode's true goal)."""
+    task_lr: float = 1e-2
+    """Adam learning rate of the goal locator: a few dozen parameters fed by one loss, which
+    need about 3000 steps at this rate (measured on the toy suite)."""
+    goal_forcing: float | None = 0.1
+    """With task inference: the head learns from the true goal plus noise of this size (in
+    normalised units) in place of the estimate, so it learns to act on a goal while the estimate
+    is still poor; None: from the estimate."""
+    grad_clip: float = 1.0
+    """Largest gradient norm: a mixture likelihood can spike on an outlying target action."""
     distill_states: int = 256
     """States sampled per example for the differentiable distillation."""
     checkpoint_every: int = 50
@@ -61,19 +72,33 @@ class _Progress:
 
 def fit_normalization(improver: Improver, dataset: ImprovementDataset) -> None:
     """Set the network's observation and reward scales from the dataset's episodes."""
-    observations, rewards = [], []
+    observations, rewards, goals = [], [], []
     for i in range(len(dataset)):
         example = dataset.example(i)
         observations += [example.lesser.observations[example.lesser.mask], example.better.observations[example.better.mask]]
         rewards.append(example.lesser.rewards[example.lesser.mask])
+        goals.append(task_target(example))
     states = torch.cat(observations)
     net = improver.net
     net.obs_mean.copy_(states.mean(dim=0))
     net.obs_std.copy_(states.std(dim=0).clamp(min=1e-3))
     net.reward_scale.copy_(torch.cat(rewards).abs().max().clamp(min=1e-6))
+    if net.config.task_dim:
+        goals = torch.stack(goals)
+        if goals.shape[-1] != net.config.task_dim:
+            raise ValueError(f"the network infers {net.config.task_dim} task parameters; the dataset's goals have {goals.shape[-1]}")
+        net.task_mean.copy_(goals.mean(dim=0))
+        # One scale for every axis: the locator's trilateration needs distances to keep their
+        # geometry, and a near-constant coordinate (a table's height) must not become noise.
+        net.task_std.fill_(goals.std(dim=0).mean().clamp(min=1e-2))
 
 
-def example_loss(improver: Improver, example: Example, distill_states: int, distill_weight: float, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+def task_target(example: Example) -> torch.Tensor:
+    """The hidden task parameters of an example: its episodes' goal."""
+    return torch.tensor(example.lesser.tasks[0].goal, dtype=torch.float32)
+
+
+def example_loss(improver: Improver, example: Example, config: MetaTrainConfig, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """Meta-training loss of one example, and its parts."""
     device = improver.log_lrs.device
     net = improver.net
@@ -84,22 +109,29 @@ def example_loss(improver: Improver, example: Example, distill_states: int, dist
     with torch.no_grad():
         probe_actions = policy(probes)
     z = net.encode(lesser, probe_actions, probes)
+    task = torch.zeros((), device=device)
+    if net.config.task_dim:
+        truth = (task_target(example).to(device) - net.task_mean) / net.task_std
+        task = nn.functional.mse_loss(net.task_part(z), truth.expand(2, -1))
+        if config.goal_forcing is not None:
+            noise = config.goal_forcing * torch.randn((2, *truth.shape), generator=generator).to(device)
+            z = torch.cat([z[: net.config.width], (truth + noise).flatten()])
     states = torch.cat([lesser.observations[lesser.mask], better.observations[better.mask]])
     targets = torch.cat([example.target_actions.to(device)[lesser.mask], better.actions[better.mask]])
     nll = -net.head.log_prob(net.normalize(states), z, targets).mean()
     # The likelihood alone does not make the most likely component's mean the right action.
     mode = nn.functional.mse_loss(net.head.act(net.normalize(states), z), targets)
     distill = torch.zeros((), device=device)
-    if distill_weight > 0:
+    if config.distill_weight > 0:
         lesser_states = lesser.observations[lesser.mask]
-        pick = torch.randperm(len(lesser_states), generator=generator)[:distill_states].to(device)
-        check = torch.randperm(len(states), generator=generator)[:distill_states].to(device)
+        pick = torch.randperm(len(lesser_states), generator=generator)[:config.distill_states].to(device)
+        check = torch.randperm(len(states), generator=generator)[:config.distill_states].to(device)
         distilled = improver.distill(
             policy, lesser_states[pick], net.head.act(net.normalize(lesser_states[pick]), z), differentiable=True, probe=states[check]
         )
         distill = nn.functional.mse_loss(distilled, targets[check])
-    loss = nll + mode + distill_weight * distill
-    return loss, {"nll": nll.item(), "mode_mse": mode.item(), "distill_mse": distill.item()}
+    loss = nll + mode + config.distill_weight * distill + config.task_weight * task
+    return loss, {"nll": nll.item(), "mode_mse": mode.item(), "distill_mse": distill.item(), "task_mse": task.item()}
 
 
 def meta_train(
@@ -127,7 +159,10 @@ def meta_train(
     resume = _resume_point(out)
     if resume is None:
         fit_normalization(improver, dataset)
-    optimizer = accelerator.prepare(torch.optim.Adam(improver.parameters(), lr=config.lr))
+    locator = list(improver.net.locator.parameters()) if improver.net.locator is not None else []
+    rest = [p for p in improver.parameters() if all(p is not q for q in locator)]
+    groups = [{"params": rest}] + ([{"params": locator, "lr": config.task_lr}] if locator else [])
+    optimizer = accelerator.prepare(torch.optim.Adam(groups, lr=config.lr))
     state = _Progress()
     accelerator.register_for_checkpointing(improver, state)
     if resume is not None:
@@ -142,7 +177,7 @@ def meta_train(
             loss = torch.zeros((), device=accelerator.device)
             for i in batch[rank::world]:
                 generator = torch.Generator().manual_seed(derive_seed(config.seed, state.step, i))
-                value, info = example_loss(improver, dataset.example(i), config.distill_states, config.distill_weight, generator)
+                value, info = example_loss(improver, dataset.example(i), config, generator)
                 loss = loss + value / len(batch)
                 parts.append(info)
         optimizer.zero_grad()
@@ -151,10 +186,11 @@ def meta_train(
             for parameter in improver.parameters():
                 if parameter.grad is not None:
                     parameter.grad = accelerator.reduce(parameter.grad, reduction="sum")
+        grad_norm = nn.utils.clip_grad_norm_(improver.parameters(), config.grad_clip)
         optimizer.step()
         state.step += 1
-        metrics = {"loss": float(accelerator.reduce(loss.detach(), reduction="sum"))}
-        metrics |= {k: sum(p[k] for p in parts) / max(1, len(parts)) for k in ("nll", "mode_mse", "distill_mse")}
+        metrics = {"loss": float(accelerator.reduce(loss.detach(), reduction="sum")), "grad_norm": float(grad_norm)}
+        metrics |= {k: sum(p[k] for p in parts) / max(1, len(parts)) for k in ("nll", "mode_mse", "distill_mse", "task_mse")}
         accelerator.log(metrics, step=state.step)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")

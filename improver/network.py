@@ -38,6 +38,9 @@ class NetworkConfig:
     """Also encode rendered frames (spatial-softmax keypoints)."""
     keypoints: int = 8
     """Keypoints of the frame encoder."""
+    task_dim: int = 0
+    """Size of the hidden task parameters (the goal) that the encoder infers from experience;
+    0: no task inference. Meta-training supervises the estimate with the dataset's goals."""
 
 
 class SpatialSoftmax(nn.Module):
@@ -102,6 +105,82 @@ class MixtureHead(nn.Module):
         return means.gather(-2, best.unsqueeze(-1).expand(*best.shape, means.shape[-1])).squeeze(-2).clamp(-1.0, 1.0)
 
 
+BOUND = 3.0
+"""Largest normalised goal coordinate the locator returns."""
+
+
+class MonotoneDistance(nn.Module):
+    """A distance that falls as the reward rises: a positive sum of softplus ramps in ``-reward``.
+
+    Without the constraint, meta-training settles on maps that turn the geometry inside out
+    (measured: distance rising with reward, held-out error 0.15 against 0.02 with the right map).
+    """
+
+    def __init__(self, ramps: int = 16) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(ramps))
+        self.offset = nn.Parameter(torch.linspace(-2.0, 2.0, ramps))
+        self.slope = nn.Parameter(torch.zeros(ramps))
+
+    def forward(self, rewards: torch.Tensor) -> torch.Tensor:
+        """``[N]`` scaled rewards -> ``[N]`` non-negative distances."""
+        ramps = nn.functional.softplus(self.offset - nn.functional.softplus(self.slope) * rewards[..., None])
+        return ramps @ nn.functional.softplus(self.scale) / len(self.scale)
+
+
+class GoalLocator(nn.Module):
+    """Infers the hidden goal ``[task_dim]`` (normalised) from visited states and their rewards.
+
+    Meta-World's ML1 tasks differ only in a goal position, and their rewards fall with the
+    distance between a point of the state (the hand, the object) and that goal. Each step
+    therefore gives a point ``p_i`` (a learned projection of its state), a squared distance
+    ``d_i`` (a learned map of its reward and success flag) and a weight; the goal is the
+    weighted least-squares solution of ``|p_i - g|^2 = d_i^2`` (trilateration, linear after
+    subtracting the weighted mean), regularised toward a vote: the point of the best steps, by a
+    softmax whose logits rise with the reward. Both are returned and both are supervised; the
+    vote's plain signal is what steers the point projection the right way round (without it
+    meta-training found a mirrored projection, held-out error 0.35 against 0.045).
+    Every learned part sees one step's own inputs only: measured on the toy suite, estimates
+    computed from the transformer's features memorise the few training goals (held-out error
+    0.17 against 0.05).
+    """
+
+    def __init__(self, obs_dim: int, task_dim: int) -> None:
+        super().__init__()
+        self.point = nn.Linear(obs_dim, task_dim)
+        self.distance = MonotoneDistance()
+        # Logits of each step's weight in the least squares and in the vote.
+        self.fit_weights = nn.Linear(obs_dim + 2, 1)
+        # The vote goes to the best steps: its logits rise with the reward (and the success flag),
+        # and must be able to become sharp (one step out of hundreds) within a short run.
+        self.vote_slope = nn.Parameter(torch.tensor(3.0))
+        self.vote_success = nn.Parameter(torch.tensor(0.0))
+        self.log_ridge = nn.Parameter(torch.tensor(-3.0))
+
+    def forward(self, obs: torch.Tensor, rewards: torch.Tensor, successes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The goal estimate and the vote, ``[2 * task_dim]``, from ``[N, obs_dim]`` normalised states, ``[N]`` scaled rewards and
+        success flags, and the ``[N]`` mask of real steps."""
+        signal = torch.stack([rewards, successes], dim=-1)
+        points = self.point(obs)
+        squared = self.distance(rewards) ** 2
+        vote = self.vote_slope.exp() * rewards + self.vote_success * successes
+        logits = torch.stack([self.fit_weights(torch.cat([obs, signal], dim=-1)).squeeze(-1), vote], dim=-1)
+        fit, vote = logits.masked_fill(~valid[:, None], float("-inf")).softmax(dim=0).unbind(-1)
+        prior = vote @ points
+        centred = points - fit @ points
+        norms = (points * points).sum(dim=-1) - squared
+        design = 2.0 * centred
+        target = norms - fit @ norms
+        eye = torch.eye(points.shape[-1], dtype=points.dtype, device=points.device)
+        ridge = self.log_ridge.exp()
+        gram = design.T @ (fit[:, None] * design) + ridge * eye
+        estimate = torch.linalg.solve(gram, design.T @ (fit * target) + ridge * prior)
+        # Goals are normalised, so training goals lie within about 2 units. Visited points that
+        # are nearly collinear make the solve ill-conditioned (measured: an estimate 1.7 m off on
+        # a reach-v3 task); bounding it keeps such an estimate in the task's range.
+        return torch.cat([BOUND * torch.tanh(estimate / BOUND), prior])
+
+
 class ImprovementNet(nn.Module):
     """Encode ``(experience, policy)`` into ``z`` and predict improved actions with ``g(a | s, z)``."""
 
@@ -112,6 +191,8 @@ class ImprovementNet(nn.Module):
         self.register_buffer("obs_mean", torch.zeros(config.obs_dim))
         self.register_buffer("obs_std", torch.ones(config.obs_dim))
         self.register_buffer("reward_scale", torch.ones(()))
+        self.register_buffer("task_mean", torch.zeros(config.task_dim))
+        self.register_buffer("task_std", torch.ones(config.task_dim))
         # token: state, action, reward, success flag, time
         self.step_in = nn.Linear(config.obs_dim + config.act_dim + 3, width)
         self.frames = FrameEncoder(config.keypoints, width) if config.use_frames else None
@@ -119,7 +200,8 @@ class ImprovementNet(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.fingerprint = nn.Sequential(nn.Linear(config.obs_dim + config.act_dim, width), nn.ReLU(), nn.Linear(width, width))
         self.context = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, width))
-        self.head = MixtureHead(config.obs_dim, config.act_dim, width, config.components)
+        self.locator = GoalLocator(config.obs_dim, config.task_dim) if config.task_dim else None
+        self.head = MixtureHead(config.obs_dim, config.act_dim, self.context_dim, config.components)
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         """Observations scaled by the meta-training data's statistics."""
@@ -133,8 +215,25 @@ class ImprovementNet(nn.Module):
         """Indices of ``config.probes`` probe points spread evenly over ``count`` candidates."""
         return torch.linspace(0, count - 1, self.config.probes).round().long()
 
+    @property
+    def context_dim(self) -> int:
+        """Size of ``z``."""
+        return self.config.width + 2 * self.config.task_dim
+
+    def task_estimate(self, z: torch.Tensor) -> torch.Tensor:
+        """The inferred task parameters (e.g. the goal) held in ``z``, in the task's own units."""
+        return self.task_part(z)[..., 0, :] * self.task_std + self.task_mean
+
+    def task_part(self, z: torch.Tensor) -> torch.Tensor:
+        """The normalised goal estimate and vote held in ``z``, ``[..., 2, task_dim]``."""
+        return z[..., self.config.width :].unflatten(-1, (2, self.config.task_dim))
+
     def encode(self, experience: Trajectory, policy_actions: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-        """Context ``z`` ``[width]`` from one batch of episodes and the policy's actions on ``probes``."""
+        """Context ``z`` ``[context_dim]`` from one batch of episodes and the policy's actions on ``probes``.
+
+        ``z`` is a learned summary followed, with ``task_dim``, by the normalised goal estimate and
+        vote of the ``GoalLocator``.
+        """
         steps = self.token_steps(experience.observations.shape[1]).to(experience.observations.device)
         obs = self.normalize(experience.observations[:, steps])
         rewards = experience.rewards if experience.rewards is not None else torch.zeros_like(experience.mask, dtype=obs.dtype)
@@ -149,7 +248,11 @@ class ImprovementNet(nn.Module):
         encoded = self.encoder(tokens.flatten(0, 1)[None], src_key_padding_mask=~valid.flatten()[None])[0]
         pooled = (encoded * valid.flatten()[:, None]).sum(dim=0) / valid.sum().clamp(min=1)
         fingerprint = self.fingerprint(torch.cat([self.normalize(probes), policy_actions], dim=-1)).mean(dim=0)
-        return self.context(torch.cat([pooled, fingerprint]))
+        z = self.context(torch.cat([pooled, fingerprint]))
+        if not self.config.task_dim:
+            return z
+        goal = self.locator(obs.flatten(0, 1), features[2].flatten(), features[3].flatten(), valid.flatten())
+        return torch.cat([z, goal])
 
     def _frame_tokens(self, experience: Trajectory, steps: torch.Tensor) -> torch.Tensor:
         if experience.frames is None:

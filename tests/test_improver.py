@@ -98,6 +98,24 @@ def test_distillation_moves_the_policy_toward_the_head(improver, experience):
     assert gap_after < gap_before
 
 
+def test_distillation_stays_stable_on_large_raw_observations(improver):
+    """Steep losses (big raw inputs) must not make the distillation steps diverge."""
+    torch.manual_seed(0)
+    policy = nn.Linear(4, 2)  # no squashing: its loss is as steep as its inputs are large
+    states = torch.randn(256, 4) * 100.0
+    targets = torch.rand(256, 2) * 2 - 1
+    with torch.no_grad():
+        before = (policy(states) - targets).pow(2).mean()
+    for differentiable in (False, True):
+        distilled = improver.distill(copy.deepcopy(policy), states, targets, differentiable=differentiable, probe=states)
+        actions = distilled if differentiable else distilled(states)
+        after = (actions - targets).pow(2).mean()
+        assert torch.isfinite(after) and after < before
+        if differentiable:
+            after.backward()
+            assert improver.log_lrs.grad.norm() < 1e3
+
+
 def test_behaviour_step_acts_with_the_head(improver, experience):
     behaviour = improver.step(MLPPolicy(4, 2), experience, mode="behaviour")
     assert isinstance(behaviour, BehaviourPolicy)

@@ -21,7 +21,7 @@ def fresh_improver():
 
 def mean_loss(improver, data):
     generator = torch.Generator().manual_seed(0)
-    return sum(example_loss(improver, data.example(i), 64, 1.0, generator)[0].item() for i in range(len(data))) / len(data)
+    return sum(example_loss(improver, data.example(i), MetaTrainConfig(distill_states=64), generator)[0].item() for i in range(len(data))) / len(data)
 
 
 def test_meta_training_lowers_the_loss(toy_dataset, tmp_path):

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+import torch
+
+from improver.augment.dataset import ImprovementDataset
+from improver.augment.generate import GenerateConfig, generate
+from improver.demo import export_lesser, run_demo
+from improver.network import NetworkConfig
+from improver.operator import Improver
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A pretrained folder: an (untrained) improver and lesser policies from held-out toy tasks."""
+    root = tmp_path_factory.mktemp("pretrained")
+    generate(GenerateConfig("toy:reach2d", split="test", preset="tiny"), root / "heldout", progress=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        Improver(NetworkConfig(4, 2, width=16, task_dim=2), distill_steps=2).save_pretrained(root / "improver")
+    export_lesser(ImprovementDataset(root / "heldout"), root / "lesser", max_success=1.0, limit=2)
+    return root
+
+
+def test_demo_writes_table_plot_and_videos(pretrained, tmp_path, capsys):
+    summary = run_demo(pretrained, tmp_path, steps=2, episodes=3, mode="behaviour", seed=0)
+    printed = capsys.readouterr().out
+    assert "| step | success" in printed and "2 lesser policies on held-out tasks" in printed
+    table = summary["table"]
+    assert [row["step"] for row in table] == [0, 1, 2]
+    # 2 policies x 3 toy episodes of 40 steps per step, counted cumulatively.
+    assert [row["env_steps"] for row in table] == [240, 480, 720]
+    assert all(0.0 <= row["success"] <= 1.0 for row in table)
+    for name in ("success_vs_step.png", "before.mp4", "after.mp4"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert json.loads((tmp_path / "summary.json").read_text())["table"] == table
+
+
+def test_export_keeps_only_lesser_policies(pretrained, tmp_path):
+    data = ImprovementDataset(pretrained / "heldout")
+    successes = [data.example(i).record["success"] for i in range(len(data))]
+    cap = sorted(successes)[len(successes) // 2]
+    saved = export_lesser(data, tmp_path, max_success=cap)
+    assert len(saved) == sum(s <= cap for s in successes)
+    with pytest.raises(ValueError, match="no lesser policy"):
+        export_lesser(data, tmp_path / "none", max_success=-1.0)
+
+
+def test_demo_without_policies_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no lesser policies"):
+        run_demo(tmp_path, tmp_path / "out", steps=1, episodes=1, mode="behaviour", seed=0)
