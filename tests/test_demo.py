@@ -49,3 +49,16 @@ def test_export_keeps_only_lesser_policies(pretrained, tmp_path):
 def test_demo_without_policies_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no lesser policies"):
         run_demo(tmp_path, tmp_path / "out", steps=1, episodes=1, mode="behaviour", seed=0)
+
+
+def test_shipped_improver_and_its_lesser_policies_load():
+    from pathlib import Path
+
+    from improver.policies import load_policy
+
+    root = Path(__file__).resolve().parent.parent / "pretrained" / "reach-v3"
+    improver = Improver.from_pretrained(root / "improver")
+    assert (improver.config.obs_dim, improver.config.act_dim, improver.config.task_dim) == (39, 4, 3)
+    records = [load_policy(folder)[1] for folder in sorted((root / "lesser").iterdir())]
+    assert len(records) == 7
+    assert all(r["suite"] == "ML1:reach-v3" and r["split"] == "test" and r["zoo"]["success"] <= 0.3 for r in records)
