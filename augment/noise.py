@@ -14,6 +14,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from improver.policies import placement
 from improver.types import Policy, TaskInfo
 
 
@@ -114,7 +115,8 @@ class NoisyPolicy:
         return NoisyPolicy(inner, self.noises, derive_seed(self.seed, info.episode_seed))
 
     def __call__(self, observations: torch.Tensor) -> torch.Tensor:
-        actions = self.policy(observations)
+        # The inner policy may live on another device or dtype than the float32 CPU batch it gets.
+        actions = self.policy(observations.to(*placement(self.policy))).to(observations)
         for i, noise in enumerate(self.noises):
             actions, self.states[i] = noise(actions, self.generator, self.states[i])
         return actions.clamp(-1.0, 1.0)

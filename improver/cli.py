@@ -32,11 +32,15 @@ class Demo:
     """Seed of the episodes."""
     video: bool = True
     """Write before/after videos of the first policy."""
+    memory: int = 1
+    """Each step watches the episodes of the last this many steps."""
+    exploration: float = 0.3
+    """Std of the Gaussian noise on actions while collecting (the improver locates the goal from the spread)."""
 
     def run(self) -> None:
         from .demo import run_demo
 
-        run_demo(self.pretrained, self.out, self.steps, self.episodes, self.mode, self.seed, self.video)
+        run_demo(self.pretrained, self.out, self.steps, self.episodes, self.mode, self.seed, self.video, self.memory, self.exploration)
 
 
 @dataclass
@@ -155,6 +159,9 @@ class MetaTrain:
     """Distillation steps of parameters mode (their sizes are meta-learned)."""
     distill_weight: float = 1.0
     """Weight of the distilled policy's error (0: train the behaviour head only, much faster)."""
+    fit_epochs: int | None = None
+    """Parameters mode fits the policy to the head's actions with Adam for this many epochs
+    instead of the meta-learned steps (default: 20 with --distill-weight 0, whose steps stay untrained; else 0)."""
     frames: bool = False
     """Watch frames too (the dataset must have them)."""
     infer_goal: bool = True
@@ -183,7 +190,8 @@ class MetaTrain:
         )
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
-            improver = Improver(network, self.distill_steps)
+            fit_epochs = self.fit_epochs if self.fit_epochs is not None else (20 if self.distill_weight == 0 else 0)
+            improver = Improver(network, self.distill_steps, fit_epochs)
         config = MetaTrainConfig(
             self.steps, self.batch_size, self.lr, distill_weight=self.distill_weight, checkpoint_every=self.checkpoint_every,
             validate_every=self.validate_every, seed=self.seed,
@@ -215,6 +223,10 @@ class Improve:
     """Distil into the policy's own parameters, or act with the improver's head."""
     seed: int = 0
     """Seed of the episodes."""
+    memory: int = 1
+    """Each step watches the episodes of the last this many steps."""
+    exploration: float = 0.0
+    """Std of the Gaussian noise on actions while collecting (0.3 helps the improver locate hidden goals)."""
     out: Path | None = None
     """Save the improved policy here (parameters mode)."""
 
@@ -230,7 +242,10 @@ class Improve:
         if self.task_index is not None:
             tasks = [tasks[self.task_index]]
         policy, record = load_policy(self.policy)
-        improved, rows = improve(Improver.from_pretrained(self.improver), policy, tasks, self.steps, self.episodes, self.seed, self.mode)
+        improved, rows = improve(
+            Improver.from_pretrained(self.improver), policy, tasks, self.steps, self.episodes, self.seed, self.mode,
+            memory=self.memory, exploration=self.exploration,
+        )
         print(format_table(rows))
         if self.out is not None and self.mode == "parameters":
             save_policy(improved, self.out, record={**record, "improved_steps": self.steps, "rows": rows})
@@ -258,6 +273,60 @@ class BenchRollout:
         _write_json(self.out, result)
 
 
+@dataclass
+class BenchImprove:
+    """Held-out benchmark: the improver (both modes) vs. PPO, MAML and filtered BC from the same starting
+    policies on the same env-step budget; writes OUT/results.json, OUT/results.md and two plots."""
+
+    suite: str = "ML1:reach-v3"
+    """Suite whose held-out (test) tasks are benchmarked on: ML1:<task> or toy:reach2d."""
+    improver: Path = Path("pretrained/reach-v3/improver")
+    """Folder of a trained improver (save_pretrained)."""
+    policies: Path = Path("pretrained/reach-v3/lesser")
+    """Folder of saved starting policies (one subfolder each, records naming their held-out task)."""
+    data: Path | None = None
+    """Train dataset (`improver generate --split train`) the MAML baseline is meta-trained on; without it MAML is skipped."""
+    maml_update: Path | None = None
+    """Use the MAML update an earlier run saved (OUT/maml_update) instead of meta-training one on --data."""
+    out: Path = Path("bench/improve")
+    """Output folder."""
+    preset: Literal["tiny", "small", "full"] = "small"
+    """Size: tiny (the CI test), small, full; the options below override it."""
+    steps: int | None = None
+    """Improvement steps."""
+    episodes: int | None = None
+    """Episodes per improvement step (the env-step budget per step)."""
+    seeds: int | None = None
+    """Seeds per starting policy."""
+    ppo_multipliers: tuple[int, ...] | None = None
+    """PPO's longer run, in multiples of the improver's whole budget (e.g. 1 10 100): PPO runs to the
+    largest and is scored at 1, 2, 5, 10, 20, 50, ... times that budget up to it."""
+    max_policies: int | None = None
+    """Use only the first N starting policies."""
+    contenders: tuple[Literal["improver-behaviour", "improver-parameters", "ppo", "maml", "bc"], ...] = (
+        "improver-behaviour", "improver-parameters", "ppo", "maml", "bc",
+    )
+    """Which contenders to run."""
+    threads: int | None = None
+    """torch threads (default: torch's own choice); 1 on a shared machine."""
+
+    def run(self) -> None:
+        import torch
+
+        from .benchmark import BenchConfig, run_benchmark, summary_lines
+
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        config = BenchConfig(
+            suite=self.suite, improver=self.improver, policies=self.policies, data=self.data, preset=self.preset, steps=self.steps,
+            episodes=self.episodes, seeds=self.seeds, ppo_multipliers=self.ppo_multipliers, max_policies=self.max_policies,
+            contenders=tuple(self.contenders), maml_update=self.maml_update,
+        )
+        results = run_benchmark(config, self.out)
+        print("\n".join(summary_lines(results)))
+        print(f"done in {results['wall_time_s']:.0f} s; wrote {self.out}/results.json, results.md, success_vs_step.png, success_vs_env_steps.png")
+
+
 def _write_json(path: Path, data: object) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2))
@@ -265,7 +334,7 @@ def _write_json(path: Path, data: object) -> None:
 
 
 COMMANDS = {"demo": Demo, "rollout": Rollout, "generate": Generate, "reward-model": RewardModel, "meta-train": MetaTrain, "improve": Improve}
-BENCHMARKS = {"rollout": BenchRollout}
+BENCHMARKS = {"rollout": BenchRollout, "improve": BenchImprove}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -278,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
             COMMANDS,
             prog="improver",
             args=argv,
-            description="policy-improver. Commands: demo, rollout, generate, reward-model, meta-train, improve; benchmarks: `improver bench rollout`.",
+            description="policy-improver. Commands: demo, rollout, generate, reward-model, meta-train, improve; benchmarks: `improver bench rollout`, `improver bench improve`.",
         )
     command.run()
 

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
-from .loop import improve  # noqa: E402
+from .loop import improve, pooled  # noqa: E402
 from .operator import Improver  # noqa: E402
 from .policies import load_policy, save_policy  # noqa: E402
 from .tasks import RenderConfig, make_suite, rollout  # noqa: E402
@@ -50,9 +50,12 @@ def export_lesser(dataset: Any, out: Path, max_success: float = 0.3, limit: int 
 
 
 def run_demo(
-    pretrained: Path, out: Path, steps: int, episodes: int, mode: Literal["parameters", "behaviour"], seed: int, video: bool = True
+    pretrained: Path, out: Path, steps: int, episodes: int, mode: Literal["parameters", "behaviour"], seed: int, video: bool = True,
+    memory: int = 1, exploration: float = 0.3,
 ) -> dict[str, Any]:
-    """Improve every lesser policy of ``pretrained`` for ``steps`` steps of ``episodes`` episodes.
+    """Improve every lesser policy of ``pretrained`` for ``steps`` steps of ``episodes`` episodes,
+    each step watching the episodes of the last ``memory`` steps, collected with ``exploration``
+    noise (see :func:`improver.loop.improvement_loop`).
 
     Prints the per-step table (averaged over the policies) and writes ``out/summary.json``,
     ``out/success_vs_step.png`` and, with ``video``, ``out/before.mp4`` and ``out/after.mp4`` (the
@@ -67,18 +70,9 @@ def run_demo(
     for folder in tqdm(folders, desc=f"improve ({mode})", unit="policy"):
         policy, record = load_policy(folder)
         task = make_suite(record["suite"], record["suite_seed"]).tasks(record["split"])[record["index"]]
-        final, rows = improve(improver, policy, task, steps, episodes, seed, mode)
+        final, rows = improve(improver, policy, task, steps, episodes, seed, mode, memory=memory, exploration=exploration)
         runs.append({"policy": folder.name, "task": f"{task.suite} [{task.split}] #{task.index}", "rows": rows, "env": task, "first": policy, "final": final})
-    table = [
-        {
-            "step": k,
-            "success": sum(r["rows"][k]["success"] for r in runs) / len(runs),
-            "mean_return": sum(r["rows"][k]["mean_return"] for r in runs) / len(runs),
-            "env_steps": sum(r["rows"][k]["env_steps"] for r in runs),
-            "wall_s": sum(r["rows"][k]["wall_s"] for r in runs),
-        }
-        for k in range(steps + 1)
-    ]
+    table = pooled([r["rows"] for r in runs])
     print(f"{len(runs)} lesser policies on held-out tasks, {episodes} episodes per step, mode {mode}")
     print(format_table(table))
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +87,8 @@ def run_demo(
         "mode": mode,
         "steps": steps,
         "episodes_per_step": episodes,
+        "memory": memory,
+        "exploration": exploration,
         "seed": seed,
         "table": table,
         "policies": [{k: r[k] for k in ("policy", "task", "rows")} for r in runs],

@@ -1,65 +1,317 @@
-"""The improvement loop, used like an RL loop: collect episodes with the policy, ``step``, repeat."""
+"""The improvement loop, used like an RL loop: collect episodes with the policy, ``step``, repeat.
+
+:func:`improvement_loop` is the generator (one :class:`LoopStep` per step, callbacks, progress
+bar); :func:`improve` runs it to the end and returns the final policy and the per-step rows.
+
+    for state in improvement_loop(improver, policy, task, steps=5, callbacks=[StopOnSuccess(0.9)]):
+        print(state.metrics)           # step, success, mean_return, env_steps, wall_s
+    policy = state.policy
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from dataclasses import replace
-from typing import Any, Literal, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
+import gymnasium as gym
+from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
+from .augment.noise import Gaussian, NoisyPolicy
+from .io import atomic_path
 from .operator import Improver
+from .policies import POLICY_CLASSES, save_policy
 from .tasks import Task, rollout
 from .tasks.evaluation import spread
 from .types import Trajectory
+
+Mode = Literal["parameters", "behaviour"]
+
+
+@dataclass(frozen=True)
+class LoopStep:
+    """What one step of :func:`improvement_loop` saw.
+
+    Attributes:
+        step: Step number; 0 is the starting policy.
+        policy: The policy of this step (step ``k`` is the starting policy improved ``k`` times).
+        experience: Its episodes, ``episodes`` of them (observations ``[B, T, obs_dim]``, ...).
+        metrics: ``step``, ``success`` (fraction of episodes that succeeded), ``mean_return``,
+            ``env_steps`` (all steps collected so far, this step's included) and ``wall_s`` (time
+            spent in the loop so far, not in the caller's code).
+    """
+
+    step: int
+    policy: nn.Module
+    experience: Trajectory
+    metrics: dict[str, Any]
+
+
+class Callback(Protocol):
+    """Called with every :class:`LoopStep` before it is yielded; returning ``True`` stops the loop."""
+
+    def __call__(self, state: LoopStep) -> bool | None: ...
+
+
+def as_tasks(tasks: Task | Sequence[Task] | Callable[[], gym.Env]) -> list[Task]:
+    """A task, tasks, or a Gymnasium env factory (wrapped by :func:`improver.integrations.envs.env_task`) as a task list."""
+    if isinstance(tasks, Task):
+        return [tasks]
+    if callable(tasks):
+        from .integrations.envs import env_task
+
+        return [env_task(tasks)]
+    tasks = list(tasks)
+    if not tasks or not all(isinstance(t, Task) for t in tasks):
+        raise TypeError("tasks must be a Task, a non-empty sequence of Tasks, or a function returning a gymnasium.Env")
+    return tasks
+
+
+def improvement_loop(
+    improver: Improver,
+    policy: nn.Module,
+    tasks: Task | Sequence[Task] | Callable[[], gym.Env],
+    steps: int = 3,
+    episodes: int = 10,
+    *,
+    seed: int = 0,
+    mode: Mode = "parameters",
+    reward_free: bool = False,
+    memory: int = 1,
+    exploration: float = 0.0,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = False,
+) -> Iterator[LoopStep]:
+    """Collect ``episodes`` episodes (spread over ``tasks``), ``step``, repeat ``steps`` times.
+
+    Yields ``steps + 1`` states (step 0 is the starting policy) unless a callback stops it early.
+    The improvement of step ``k + 1`` runs when the caller asks for the next state.
+
+    Args:
+        improver: A trained improver.
+        policy: Any ``nn.Module`` mapping ``[B, obs_dim]`` to ``[B, act_dim]``; never modified.
+        tasks: A task, several (episodes go round-robin over them), or a function returning a
+            Gymnasium env (success read from ``info["is_success"]``; see ``env_task``).
+        steps: Improvement steps.
+        episodes: Episodes collected per step.
+        seed: Seed of the episodes (step ``k`` uses ``seed + k``).
+        mode: ``"parameters"`` (a distilled copy of ``policy``) or ``"behaviour"``.
+        reward_free: Hide the rewards from the improver (its ranking reward model supplies them).
+        memory: Each step watches the episodes of the last ``memory`` steps (1: only the current
+            policy's, like an RL update; more: earlier policies' too, which spread the states
+            the goal is located from).
+        exploration: Standard deviation of Gaussian noise added to the policy's actions (then
+            clipped to ``[-1, 1]``) while collecting, seeded per episode. The noisy episodes are
+            what the next step watches and what success is measured on: they spread the visited
+            states around the goal the policy aims at, so the next step locates it better
+            (reach-v3: success 0.56 after 3 steps without, 1.0 with 0.3).
+        callbacks: Called with each state; one returning ``True`` stops the loop after it.
+        progress: Show a progress bar over steps with the latest success and return.
+    """
+    tasks = spread(as_tasks(tasks), episodes)
+    if steps < 0:
+        raise ValueError(f"steps must be at least 0; got {steps}")
+    if memory < 1:
+        raise ValueError(f"memory must be at least 1 step; got {memory}")
+    if not exploration >= 0.0:
+        raise ValueError(f"exploration must be a non-negative noise level; got {exploration}")
+    if mode not in ("parameters", "behaviour"):
+        raise ValueError(f"mode must be 'parameters' or 'behaviour'; got {mode!r}")
+    # checked above, here: a generator body would only raise at the first next()
+    return _run(improver, policy, tasks, steps, seed, mode, reward_free, memory, exploration, callbacks, progress)
+
+
+def _run(
+    improver: Improver,
+    policy: nn.Module,
+    tasks: list[Task],
+    steps: int,
+    seed: int,
+    mode: Mode,
+    reward_free: bool,
+    memory: int,
+    exploration: float,
+    callbacks: Sequence[Callback],
+    progress: bool,
+) -> Iterator[LoopStep]:
+    env_steps, busy, history = 0, 0.0, []
+    with tqdm(total=steps + 1, desc=f"improve ({mode})", unit="step", disable=not progress) as bar:
+        for k in range(steps + 1):
+            start = time.perf_counter()
+            actor = NoisyPolicy(policy, Gaussian(exploration), seed=seed + k) if exploration else policy
+            experience = rollout(actor, tasks, 1, seed=seed + k, progress=False)
+            env_steps += int(experience.lengths.sum())
+            busy += time.perf_counter() - start
+            metrics = {
+                "step": k,
+                "success": float(experience.success.float().mean()),
+                "mean_return": float(experience.returns.mean()),
+                "env_steps": env_steps,
+                "wall_s": busy,
+            }
+            state = LoopStep(k, policy, experience, metrics)
+            stop = any([bool(callback(state)) for callback in callbacks])  # a list: every callback sees every step
+            bar.set_postfix(success=f"{metrics['success']:.2f}", ret=f"{metrics['mean_return']:.1f}", refresh=False)
+            bar.update(1)
+            yield state
+            if stop or k == steps:
+                return
+            start = time.perf_counter()
+            history = [*history, replace(experience, rewards=None) if reward_free else experience][-memory:]
+            policy = improver.step(policy, Trajectory.cat(history), mode=mode)
+            busy += time.perf_counter() - start
 
 
 def improve(
     improver: Improver,
     policy: nn.Module,
-    tasks: Task | Sequence[Task],
+    tasks: Task | Sequence[Task] | Callable[[], gym.Env],
     steps: int = 3,
     episodes: int = 10,
     seed: int = 0,
-    mode: Literal["parameters", "behaviour"] = "parameters",
-    reward_free: bool = False,
-    memory: int = 1,
+    mode: Mode = "parameters",
+    **options: Any,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Run ``steps`` improvement steps of ``episodes`` episodes each (spread over ``tasks``).
+    """Run :func:`improvement_loop` to its end; ``options`` are its keyword arguments
+    (``reward_free``, ``memory``, ``exploration``, ``callbacks``, ``progress``).
 
-    Each step watches the episodes of the last ``memory`` steps (1: only the current policy's,
-    like an RL update; more: earlier policies' episodes too, which spread the visited states
-    the goal is located from).
-
-    Returns the final policy and one row per step (step 0 is the starting policy): success rate,
-    mean return, env steps used so far and wall time.
+    Returns the final policy and one row of metrics per step (step 0 is the starting policy):
+    success rate, mean return, env steps used so far and wall time.
     """
-    tasks = spread([tasks] if isinstance(tasks, Task) else list(tasks), episodes)
-    if memory < 1:
-        raise ValueError(f"memory must be at least 1 step; got {memory}")
-    rows, env_steps, start, history = [], 0, time.perf_counter(), []
-    for k in range(steps + 1):
-        experience = rollout(policy, tasks, 1, seed=seed + k, progress=False)
-        env_steps += int(experience.lengths.sum())
-        rows.append(
-            {
-                "step": k,
-                "success": float(experience.success.float().mean()),
-                "mean_return": float(experience.returns.mean()),
-                "env_steps": env_steps,
-                "wall_s": time.perf_counter() - start,
-            }
-        )
-        if k < steps:
-            if reward_free:
-                experience = replace(experience, rewards=None)
-            history = [*history, experience][-memory:]
-            policy = improver.step(policy, Trajectory.cat(history), mode=mode)
-    return policy, rows
+    rows = []
+    for state in improvement_loop(improver, policy, tasks, steps, episodes, seed=seed, mode=mode, **options):
+        rows.append(state.metrics)
+    return state.policy, rows
+
+
+class StopOnSuccess:
+    """Stop the loop once a step's success rate reaches ``threshold``."""
+
+    def __init__(self, threshold: float = 1.0) -> None:
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold is a success rate in (0, 1]; got {threshold}")
+        self.threshold = threshold
+
+    def __call__(self, state: LoopStep) -> bool:
+        return state.metrics["success"] >= self.threshold
+
+
+class Checkpoint:
+    """Save every ``every``-th step's policy to ``folder/step-KKK`` (atomically), with its metrics.
+
+    A policy of a class in ``improver.policies.POLICY_CLASSES`` is saved with ``save_policy`` (so
+    ``load_policy`` and ``improver improve --policy`` read it); any other module as
+    ``model.safetensors`` (its ``state_dict``) and ``metrics.json``, to load into your own class.
+    """
+
+    def __init__(self, folder: str | os.PathLike, every: int = 1) -> None:
+        if every < 1:
+            raise ValueError(f"every must be at least 1; got {every}")
+        self.folder, self.every = Path(folder), every
+        self.saved: list[Path] = []
+
+    def __call__(self, state: LoopStep) -> None:
+        if state.step % self.every:
+            return
+        path = self.folder / f"step-{state.step:03d}"
+        if type(state.policy).__name__ in POLICY_CLASSES and hasattr(state.policy, "config"):
+            save_policy(state.policy, path, record={"metrics": state.metrics})
+        else:
+            with atomic_path(path) as tmp:
+                tmp.mkdir()
+                save_file({k: v.detach().cpu().contiguous() for k, v in state.policy.state_dict().items()}, tmp / "model.safetensors")
+                (tmp / "metrics.json").write_text(json.dumps(state.metrics, indent=2))
+        self.saved.append(path)
+
+
+class JSONLinesLog:
+    """Write the metrics of every step so far to ``path``, one JSON object per line (rewritten atomically)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path, self.rows = Path(path), []
+
+    def __call__(self, state: LoopStep) -> None:
+        self.rows.append(state.metrics)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+
+
+class TensorBoardLog:
+    """Log each step's numeric metrics to TensorBoard under ``prefix/`` (x axis: env steps)."""
+
+    def __init__(self, logdir: str | os.PathLike, prefix: str = "improve") -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer, self.prefix = SummaryWriter(str(logdir)), prefix
+
+    def __call__(self, state: LoopStep) -> None:
+        for key in ("success", "mean_return", "wall_s"):
+            self.writer.add_scalar(f"{self.prefix}/{key}", state.metrics[key], state.metrics["env_steps"])
+        self.writer.flush()
+
+
+def improve_lesser(
+    improver: Improver,
+    dataset: Any,
+    max_success: float = 0.3,
+    steps: int = 3,
+    episodes: int = 10,
+    *,
+    seed: int = 0,
+    mode: Mode = "parameters",
+    progress: bool = False,
+    **options: Any,
+) -> tuple[list[dict[str, Any]], int]:
+    """Improve each lesser policy of a dataset whose recorded success is at most ``max_success`` on its own task.
+
+    Meant for a held-out dataset (``improver generate --split test``): its zoo policies and tasks
+    were never seen in meta-training. ``options`` (``memory``, ``exploration``, ``reward_free``)
+    go to :func:`improve`.
+
+    Returns:
+        One row per step averaged over the policies (``success``, ``mean_return``; ``env_steps``
+        summed), and the number of policies improved.
+
+    Raises:
+        ValueError: if no lesser policy qualifies.
+    """
+    from .tasks import make_suite
+
+    runs = []
+    for i in tqdm(range(len(dataset)), desc=f"improve lesser ({mode})", unit="policy", disable=not progress):
+        example = dataset.example(i)
+        if example.record["success"] > max_success:
+            continue
+        info = example.lesser.tasks[0]
+        task = make_suite(info.suite, info.suite_seed).tasks(info.split)[info.index]
+        runs.append(improve(improver, example.policy, task, steps, episodes, seed, mode, **options)[1])
+    if not runs:
+        raise ValueError(f"no lesser policy of the dataset has success <= {max_success}")
+    return pooled(runs), len(runs)
+
+
+def pooled(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One table from several policies' rows (from :func:`improve`): success and mean return
+    averaged over the policies, env steps and wall time summed."""
+    return [
+        {
+            "step": k,
+            "success": sum(r[k]["success"] for r in runs) / len(runs),
+            "mean_return": sum(r[k]["mean_return"] for r in runs) / len(runs),
+            "env_steps": sum(r[k]["env_steps"] for r in runs),
+            "wall_s": sum(r[k]["wall_s"] for r in runs),
+        }
+        for k in range(len(runs[0]))
+    ]
 
 
 def heldout_success(
-    improver: Improver, dataset: Any, episodes: int = 2, seed: int = 0, mode: Literal["parameters", "behaviour"] = "parameters"
+    improver: Improver, dataset: Any, episodes: int = 2, seed: int = 0, mode: Mode = "parameters"
 ) -> dict[str, float]:
     """Success of a dataset's lesser policies on their own tasks before and after one ``step``.
 

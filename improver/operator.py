@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .augment.ranking_reward import load_reward_model, save_reward_model
+from .distill import fit_policy
 from .io import atomic_path
 from .network import ImprovementNet, NetworkConfig
 from .policies import placement
@@ -80,11 +81,17 @@ class Improver(nn.Module):
     Args:
         config: Network sizes (observation and action size of the task family).
         distill_steps: Supervised steps that move a copy of the user's policy toward ``g``.
+        fit_epochs: If above 0, parameters mode instead fits the copy to ``g``'s actions with Adam
+            for this many epochs: for an improver meta-trained without the distillation loss,
+            whose step sizes were never trained.
     """
 
-    def __init__(self, config: NetworkConfig, distill_steps: int = 20) -> None:
+    def __init__(self, config: NetworkConfig, distill_steps: int = 20, fit_epochs: int = 0) -> None:
         super().__init__()
+        if fit_epochs < 0:
+            raise ValueError(f"fit_epochs must be 0 (meta-learned steps) or more; got {fit_epochs}")
         self.config = config
+        self.fit_epochs = fit_epochs
         self.net = ImprovementNet(config)
         # Meta-learned: a step size per distillation step and the strength of the trust region.
         self.log_lrs = nn.Parameter(torch.full((distill_steps,), math.log(0.1)))
@@ -164,6 +171,9 @@ class Improver(nn.Module):
         states, policy_inputs = policy_inputs_of(experience.to(self.log_lrs.device), inputs)
         with torch.no_grad():
             targets = self.net.head.act(self.net.normalize(states), z)
+        if self.fit_epochs:
+            with torch.enable_grad():  # also when the caller runs step() under torch.no_grad()
+                return fit_policy(copy.deepcopy(policy), policy_inputs, targets, epochs=self.fit_epochs, generator=torch.Generator().manual_seed(0))
         return self.distill(copy.deepcopy(policy), policy_inputs, targets, differentiable=False).eval()
 
     def distill(
@@ -214,6 +224,7 @@ class Improver(nn.Module):
             "format_version": FORMAT_VERSION,
             "network": asdict(self.config),
             "distill_steps": self.distill_steps,
+            "fit_epochs": self.fit_epochs,
             "versions": {p: version(p) for p in ("policy-improver", "torch")},
             "metadata": metadata or {},
         }
@@ -234,7 +245,7 @@ class Improver(nn.Module):
         config = json.loads((path / "config.json").read_text())
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: improver checkpoint format {config.get('format_version')!r}; this version reads {FORMAT_VERSION}")
-        improver = cls(NetworkConfig(**config["network"]), config["distill_steps"])
+        improver = cls(NetworkConfig(**config["network"]), config["distill_steps"], config.get("fit_epochs", 0))
         try:
             improver.load_state_dict(load_file(path / "model.safetensors"))
         except RuntimeError as err:

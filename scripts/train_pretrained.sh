@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # Build the shipped improver in pretrained/<family>/ with the project's own commands:
 # a training dataset, a held-out dataset, meta-training, and the lesser policies of the demo.
-# Usage: scripts/train_pretrained.sh [FAMILY] [TRAIN_TASKS] [STEPS]   (defaults: reach-v3 20 1500)
+# Usage: scripts/train_pretrained.sh [FAMILY] [TRAIN_TASKS] [STEPS]   (defaults: reach-v3 40 2500)
 set -euo pipefail
 family=${1:-reach-v3}
-train_tasks=${2:-20}
-steps=${3:-1500}
+train_tasks=${2:-40}
+steps=${3:-2500}
 work=${WORK:-runs/$family}
 out=pretrained/$family
 improver=${IMPROVER:-.venv/bin/improver}
 python=${PYTHON:-.venv/bin/python}
 
 "$improver" generate --suite "ML1:$family" --out "$work/train" --tasks "$train_tasks"
-"$improver" generate --suite "ML1:$family" --split test --out "$work/heldout" --tasks 6
+"$improver" generate --suite "ML1:$family" --split test --out "$work/heldout" --tasks 10
 "$improver" meta-train --data "$work/train" --out "$work/run" --steps "$steps" --lr 1e-3 --distill-weight 0 --checkpoint-every 250
 rm -rf "$out"
 mkdir -p "$out"

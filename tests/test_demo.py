@@ -60,5 +60,5 @@ def test_shipped_improver_and_its_lesser_policies_load():
     improver = Improver.from_pretrained(root / "improver")
     assert (improver.config.obs_dim, improver.config.act_dim, improver.config.task_dim) == (39, 4, 3)
     records = [load_policy(folder)[1] for folder in sorted((root / "lesser").iterdir())]
-    assert len(records) == 7
+    assert len(records) == 9
     assert all(r["suite"] == "ML1:reach-v3" and r["split"] == "test" and r["zoo"]["success"] <= 0.3 for r in records)

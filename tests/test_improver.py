@@ -116,6 +116,23 @@ def test_distillation_stays_stable_on_large_raw_observations(improver):
             assert improver.log_lrs.grad.norm() < 1e3
 
 
+def test_fitted_parameters_mode_fits_the_head_and_survives_save_and_load(improver, experience, tmp_path):
+    fitted = copy.deepcopy(improver)
+    fitted.fit_epochs = 30
+    fitted.save_pretrained(tmp_path / "fitted")
+    reloaded = Improver.from_pretrained(tmp_path / "fitted")
+    assert reloaded.fit_epochs == 30
+    policy = MLPPolicy(4, 2)
+    states = experience.observations[experience.mask]
+    with torch.no_grad():
+        target = improver.net.head.act(improver.net.normalize(states), improver.context(policy, experience))
+        gaps = [(p(states) - target).pow(2).mean() for p in (policy, reloaded.step(policy, experience), reloaded.step(policy, experience))]
+    assert gaps[1] < 0.1 * gaps[0], gaps
+    assert gaps[1] == gaps[2]  # seeded: the same experience gives the same policy
+    with pytest.raises(ValueError, match="fit_epochs"):
+        Improver(NetworkConfig(4, 2), fit_epochs=-1)
+
+
 def test_behaviour_step_acts_with_the_head(improver, experience):
     behaviour = improver.step(MLPPolicy(4, 2), experience, mode="behaviour")
     assert isinstance(behaviour, BehaviourPolicy)

@@ -45,6 +45,14 @@ def test_goal_hidden_yet_expert_succeeds(push):
     assert {info.reward_function_version for info in traj.tasks} == {"v2"}
 
 
+def test_reach_expert_aims_the_fingertips_not_the_hand():
+    reach = make_suite("ML1:reach-v3")
+    traj = rollout(reach.expert, reach.tasks("test")[:2], 1, max_steps=150, progress=False)
+    assert traj.success.all()
+    # Success is measured at the fingertips' centre, 4.5 cm below the observed hand position.
+    hand_above_goal = traj.observations[:, -1, :3] - torch.tensor(np.array([info.goal for info in traj.tasks]), dtype=torch.float32)
+    assert torch.allclose(hand_above_goal, torch.tensor([0.0, 0.0, 0.045]).expand(2, 3), atol=0.01), hand_above_goal
+
 def test_same_suite_seed_and_episode_seed_give_identical_episodes(push):
     def noisy(obs):  # depends on the observation, so any drift would show
         return torch.tanh(obs[:, :4] * 13.0)

@@ -1,0 +1,55 @@
+"""Quickstart: improve a policy of your own architecture with the shipped reach-v3 improver.
+
+    python examples/quickstart.py [--steps 3] [--episodes 10]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+from torch import nn
+
+from improver.loop import improve
+from improver.operator import Improver
+from improver.tasks import make_suite
+from improver.tasks.evaluation import format_table
+
+
+class MyPolicy(nn.Module):
+    """Any ``nn.Module`` from observations ``[B, 39]`` to actions ``[B, 4]`` in [-1, 1]; the package never saw this class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(39, 48), nn.SiLU(), nn.LayerNorm(48))
+        self.head = nn.Linear(48, 4)
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(self.body(observations)))
+
+
+@dataclass
+class Args:
+    steps: int = 3
+    """Improvement steps."""
+    episodes: int = 10
+    """Episodes collected per step."""
+    improver: str = "pretrained/reach-v3/improver"
+    """A trained improver (save_pretrained folder)."""
+    mode: Literal["parameters", "behaviour"] = "parameters"
+    """`parameters`: a MyPolicy with new weights; `behaviour`: act with the improver's head."""
+
+
+def main(args: Args) -> tuple[nn.Module, list[dict]]:
+    torch.manual_seed(0)
+    improver = Improver.from_pretrained(args.improver)
+    task = make_suite("ML1:reach-v3").tasks("test")[0]  # a goal the improver never trained on
+    policy, rows = improve(improver, MyPolicy(), task, steps=args.steps, episodes=args.episodes, mode=args.mode, progress=True)
+    print(format_table(rows))
+    return policy, rows
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,117 @@
+"""`improver bench improve`: the protocol, the statistics and the tiny preset end to end (toy suite)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from improver.benchmark import (
+    BenchConfig,
+    aggregate,
+    compare,
+    gap_closed,
+    load_starts,
+    mean_ci,
+    ppo_to_match,
+    ratio,
+    run_benchmark,
+)
+from improver.network import NetworkConfig
+from improver.operator import Improver
+from improver.policies import MLPPolicy, save_policy
+
+pytest.importorskip("stable_baselines3")
+
+
+@pytest.fixture(scope="module")
+def toy_bench(tmp_path_factory):
+    """A tiny (untrained) toy improver and two starting policies, each on its own held-out goal."""
+    root = tmp_path_factory.mktemp("toy-bench")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        Improver(NetworkConfig(4, 2, width=32, token_stride=1), distill_steps=5).save_pretrained(root / "improver")
+        for i in range(2):
+            save_policy(MLPPolicy(4, 2), root / "lesser" / f"{i:02d}", record={"suite": "toy:reach2d", "suite_seed": 0, "split": "test", "index": i})
+    return root
+
+
+def test_statistics():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and math.isclose(half, 4.302652729911275 * 1.0 / math.sqrt(3))  # t(0.975, 2) * sd / sqrt(n)
+    assert mean_ci([0.5]) == (0.5, None)
+    assert gap_closed(15.0, 10.0, 20.0) == 0.5 and gap_closed(5.0, 10.0, 10.0) is None
+    assert ratio(0.5, 0.25) == 2.0 and ratio(0.5, 0.0) is None and ratio(None, 1.0) is None
+
+
+def _unit(returns: dict[str, list[float]], successes: dict[str, list[float]], expert: float) -> dict:
+    runs = {
+        name: [{"step": k, "env_steps": 100 * k, "success": s, "mean_return": r, "wall_s": 1.0} for k, (r, s) in enumerate(zip(rs, successes[name]))]
+        for name, rs in returns.items()
+    }
+    return {"expert_return": expert, "runs": runs}
+
+
+def test_aggregate_compare_and_ppo_to_match():
+    units = [
+        _unit({"improver-behaviour": [0, 5], "ppo": [0, 1, 2, 6]}, {"improver-behaviour": [0, 0.5], "ppo": [0, 0.0, 0.25, 0.5]}, 10.0),
+        _unit({"improver-behaviour": [2, 8], "ppo": [2, 3, 4, 9]}, {"improver-behaviour": [0, 0.5], "ppo": [0, 0.25, 0.25, 0.75]}, 12.0),
+    ]
+    table = aggregate(units, ["improver-behaviour", "ppo", "bc"])
+    assert set(table) == {"improver-behaviour", "ppo"}  # no unit ran bc
+    final = table["improver-behaviour"][1]
+    assert final["success"] == 0.5 and final["mean_return"] == 6.5 and final["success_ci95"] == 0.0
+    assert math.isclose(final["gap_closed"], (0.5 + 0.6) / 2)  # (5-0)/(10-0), (8-2)/(12-2)
+    assert math.isclose(final["gap_closed_pooled"], (6.5 - 1) / (11 - 1))
+    [row] = compare(table, steps=1)
+    assert row["vs"] == "ppo" and row["success_ratio"] == 0.5 / 0.125
+    matched = {r["metric"]: r["ppo_env_steps_to_match"] for r in ppo_to_match(table, steps=1)}
+    assert matched == {"success": 300, "mean_return": 300}  # PPO's mean success 0.25 at 200 steps, 0.625 at 300
+
+
+def test_bad_input_is_refused(toy_bench, tmp_path, toy):
+    with pytest.raises(ValueError, match="unknown suite"):
+        run_benchmark(BenchConfig(suite="nope", improver=toy_bench / "improver", policies=toy_bench / "lesser", preset="tiny"), tmp_path)
+    with pytest.raises(ValueError, match="unknown preset"):
+        BenchConfig(preset="huge").resolved()
+    with pytest.raises(FileNotFoundError, match="improver checkpoint"):
+        run_benchmark(BenchConfig(suite="toy:reach2d", improver=tmp_path / "missing", policies=toy_bench / "lesser", preset="tiny"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no saved policies"):
+        load_starts(tmp_path, toy)
+    save_policy(MLPPolicy(39, 4), tmp_path / "big" / "00")
+    with pytest.raises(ValueError, match="maps 39 observations"):
+        load_starts(tmp_path / "big", toy)
+    save_policy(MLPPolicy(4, 2), tmp_path / "train" / "00", record={"suite": "toy:reach2d", "split": "train", "index": 0})
+    with pytest.raises(ValueError, match="held-out"):
+        load_starts(tmp_path / "train", toy)
+
+
+def test_tiny_preset_end_to_end(toy_bench, toy_dataset, tmp_path):
+    from improver.cli import main
+
+    out = tmp_path / "bench"
+    main(["bench", "improve", "--preset", "tiny", "--suite", "toy:reach2d", "--improver", str(toy_bench / "improver"),
+          "--policies", str(toy_bench / "lesser"), "--data", str(toy_dataset), "--out", str(out)])
+    for name in ("results.json", "results.md", "success_vs_step.png", "success_vs_env_steps.png"):
+        assert (out / name).stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["table"]) == {"improver-behaviour", "improver-parameters", "ppo", "maml", "bc"}
+    assert results["reward_function_versions"] == ["toy"] and results["versions"]["stable-baselines3"] != "not installed"
+    assert results["maml"]["second_order"] and results["seeds"] == [0]
+    budget = results["budget_per_step"]
+    assert budget == 2 * 40  # tiny preset: 2 episodes of the toy's 40 steps per step
+    for unit in results["per_unit"]:
+        runs = unit["runs"]
+        # Same starting policy, same evaluation episodes: every contender's step 0 is the same.
+        assert len({(r[0]["success"], r[0]["mean_return"]) for r in runs.values()}) == 1
+        # Equal env-step budget per improvement step.
+        for k in range(3):
+            assert {r[k]["env_steps"] for r in runs.values()} == {k * budget}
+        # PPO's longer run (2x the improver's whole budget, i.e. 4 steps' worth) is scored too.
+        assert [r["step"] for r in runs["ppo"]] == [0, 1, 2, 4] and runs["ppo"][-1]["env_steps"] == 4 * budget
+        # The learners moved away from the starting policy.
+        assert runs["bc"][2]["mean_return"] != runs["bc"][0]["mean_return"]
+    assert len(results["comparison"]) == 2 * 3 * 2  # 2 improver modes x 3 contenders x 2 steps
+    assert "## ppo" in (out / "results.md").read_text()

@@ -1,0 +1,190 @@
+"""The loop helper (generator, callbacks, env factories) and the stable-baselines3 integration."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from improver.integrations.envs import ContractWrapper, env_task
+from improver.loop import Checkpoint, JSONLinesLog, LoopStep, StopOnSuccess, TensorBoardLog, improve, improvement_loop
+from improver.network import NetworkConfig
+from improver.operator import Improver
+from improver.policies import MLPPolicy, load_policy
+from improver.tasks import rollout
+
+
+@pytest.fixture(scope="module")
+def improver():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Improver(NetworkConfig(4, 2, width=32), distill_steps=5)
+
+
+class Mine(nn.Module):
+    """An architecture the package does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, obs):
+        return torch.tanh(self.b(torch.relu(self.a(obs))))
+
+
+def test_loop_yields_every_step_and_matches_improve(improver, toy):
+    tasks, start = toy.tasks("test")[:2], MLPPolicy(4, 2)
+    torch.manual_seed(0)
+    states = list(improvement_loop(improver, start, tasks, steps=2, episodes=3, seed=1))
+    assert [s.step for s in states] == [0, 1, 2]
+    assert all(isinstance(s, LoopStep) and s.experience.observations.shape[0] == 3 for s in states)
+    assert [s.metrics["env_steps"] for s in states] == [int(sum(x.experience.lengths.sum() for x in states[: k + 1])) for k in range(3)]
+    assert states[0].policy is not states[1].policy
+    # a step's metrics are its policy's own episodes: re-collecting with the same seed gives them back
+    again = rollout(states[1].policy, [tasks[0], tasks[1], tasks[0]], 1, seed=2, progress=False)
+    assert states[1].metrics["mean_return"] == pytest.approx(float(again.returns.mean()), rel=1e-5)
+    torch.manual_seed(0)
+    final, rows = improve(improver, start, tasks, steps=2, episodes=3, seed=1)
+    assert [r["mean_return"] for r in rows] == pytest.approx([s.metrics["mean_return"] for s in states], rel=1e-5)
+
+
+def test_stop_on_success_ends_the_loop(improver, toy):
+    expert_like = toy.expert
+    seen = []
+    states = list(
+        improvement_loop(improver, expert_like, toy.tasks("test")[:2], steps=5, episodes=2, callbacks=[StopOnSuccess(1.0), seen.append])
+    )
+    assert len(states) == 1 and states[0].metrics["success"] == 1.0 and len(seen) == 1
+    with pytest.raises(ValueError, match="threshold"):
+        StopOnSuccess(0.0)
+
+
+def test_checkpoint_and_logs(improver, toy, tmp_path):
+    checkpoint, log = Checkpoint(tmp_path / "ckpt", every=2), JSONLinesLog(tmp_path / "log.jsonl")
+    tensorboard = TensorBoardLog(tmp_path / "tb")
+    _, rows = improve(improver, MLPPolicy(4, 2), toy.tasks("test")[:2], steps=2, episodes=2, callbacks=[checkpoint, log, tensorboard])
+    assert [p.name for p in checkpoint.saved] == ["step-000", "step-002"]
+    policy, record = load_policy(tmp_path / "ckpt" / "step-002")
+    assert record["metrics"] == rows[2]
+    assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == rows
+    assert list((tmp_path / "tb").iterdir())
+    # a class the package does not know is saved as weights plus metrics
+    own = Checkpoint(tmp_path / "own")
+    improve(improver, Mine(), toy.tasks("test")[:1], steps=1, episodes=1, callbacks=[own])
+    from safetensors.torch import load_file
+
+    Mine().load_state_dict(load_file(own.saved[1] / "model.safetensors"))
+    with pytest.raises(ValueError, match="every"):
+        Checkpoint(tmp_path, every=0)
+
+
+def test_loop_rejects_bad_input(improver, toy):
+    # raised when the loop is made, not at its first step
+    with pytest.raises(TypeError, match="tasks must be"):
+        improvement_loop(improver, MLPPolicy(4, 2), [1, 2])
+    with pytest.raises(ValueError, match="memory"):
+        improvement_loop(improver, MLPPolicy(4, 2), toy.tasks("test")[:1], memory=0)
+    with pytest.raises(ValueError, match="steps"):
+        improvement_loop(improver, MLPPolicy(4, 2), toy.tasks("test")[:1], steps=-1)
+    with pytest.raises(ValueError, match="mode"):
+        improvement_loop(improver, MLPPolicy(4, 2), toy.tasks("test")[:1], mode="params")
+    with pytest.raises(ValueError, match="exploration"):
+        improvement_loop(improver, MLPPolicy(4, 2), toy.tasks("test")[:1], exploration=-0.1)
+
+
+def test_exploration_noise_is_seeded_and_watched(improver, toy):
+    tasks, policy = toy.tasks("test")[:2], MLPPolicy(4, 2).double()  # noise must reach a float64 policy too
+    runs = [list(improvement_loop(improver, policy, tasks, steps=1, episodes=2, seed=3, exploration=0.3)) for _ in range(2)]
+    plain = list(improvement_loop(improver, policy, tasks, steps=0, episodes=2, seed=3))[0].experience
+    noisy = runs[0][0].experience
+    assert torch.equal(noisy.actions, runs[1][0].experience.actions)
+    with torch.no_grad():
+        taken = noisy.actions[noisy.mask]
+        deterministic = policy(noisy.observations[noisy.mask].double()).float()
+    assert 0.15 < (taken - deterministic).std() < 0.35  # the collected actions carry the noise
+    assert torch.equal(plain.actions[plain.mask], policy(plain.observations[plain.mask].double()).float().detach())
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1].policy.parameters(), runs[1][1].policy.parameters()))
+
+
+class GoalEnv(gym.Env):
+    """A plain Gymnasium env (no goal or success in its infos): push a point to x = 0.5."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = self.np_random.uniform(-0.1, 0.1, 4).astype(np.float32)
+        return self.x.copy(), {}
+
+    def step(self, action):
+        self.x[:2] += 0.1 * np.asarray(action, np.float32)
+        distance = abs(float(self.x[0]) - 0.5)
+        return self.x.copy(), -distance, False, False, {"is_success": distance < 0.05}
+
+
+def make_goal_env(render_mode=None):
+    return gym.wrappers.TimeLimit(GoalEnv(), 20)
+
+
+def test_a_gymnasium_env_factory_runs_in_the_loop(improver):
+    task = env_task(make_goal_env)
+    assert task.max_steps == 20
+    towards = lambda obs: torch.tensor([[1.0, 0.0]]).expand(obs.shape[0], 2)  # noqa: E731
+    assert rollout(towards, task, 2, progress=False).success.all()
+    assert not rollout(lambda obs: -towards(obs), task, 2, progress=False).success.any()
+    _, rows = improve(improver, Mine(), make_goal_env, steps=1, episodes=2)
+    assert rows[1]["env_steps"] == 80
+    with pytest.raises(ValueError, match="max_steps"):
+        env_task(GoalEnv)
+    with pytest.raises(ValueError, match="flat Box"):
+        ContractWrapper(gym.make("CartPole-v1"))
+    custom = env_task(GoalEnv, max_steps=5, success=lambda obs, reward, info: reward > -1.0)
+    assert rollout(towards, custom, 1, progress=False).success.all()
+
+
+sb3 = pytest.importorskip("stable_baselines3")
+
+
+def test_sb3_callback_improves_every_m_rollouts_and_writes_back(improver, toy):
+    from improver.integrations.sb3 import ImproverCallback, SB3Actor, TaskEnv
+
+    task = toy.tasks("test")[0]
+    model = sb3.PPO("MlpPolicy", TaskEnv(task), n_steps=40, batch_size=40, n_epochs=1, seed=0, device="cpu")
+    snapshots = []
+
+    class Spy(ImproverCallback):
+        def improve_now(self):
+            before = {k: v.clone() for k, v in self.model.policy.state_dict().items()}
+            row = super().improve_now()
+            after = self.model.policy.state_dict()
+            snapshots.append(any(not torch.equal(before[k], after[k]) for k in before))
+            return row
+
+    callback = Spy(improver, task, every=2, episodes=2)
+    model.learn(200, callback=callback)  # 5 rollouts: improvement before rollouts 3 and 5
+    assert callback.rollouts == 5 and len(callback.history) == 2 and all(snapshots)
+    assert callback.env_steps == 2 * 2 * task.max_steps
+    assert model.predict(np.zeros(4, np.float32), deterministic=True)[0].shape == (2,)
+    with pytest.raises(ValueError, match="every"):
+        ImproverCallback(improver, task, every=0)
+    assert SB3Actor(model.policy)(torch.zeros(3, 4)).shape == (3, 2)
+
+
+def test_improve_sb3_on_tasks_returns_a_model_that_saves_and_loads(improver, toy, tmp_path):
+    from improver.integrations.sb3 import SB3Actor, improve_sb3_on_tasks, ppo_from_policy
+
+    model = ppo_from_policy(MLPPolicy(4, 2), toy.tasks("test")[0], n_steps=64, seed=0)
+    before = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    same, rows = improve_sb3_on_tasks(improver, model, toy.tasks("test")[:2], steps=2, episodes=2)
+    assert same is model and [r["step"] for r in rows] == [0, 1, 2]
+    assert any(not torch.equal(before[k], v) for k, v in model.policy.state_dict().items())
+    # the model now acts like the improved actor whose episodes were measured at step 2
+    again = rollout(SB3Actor(model.policy), [toy.tasks("test")[0], toy.tasks("test")[1]], 1, seed=2, progress=False)
+    assert rows[2]["mean_return"] == pytest.approx(float(again.returns.mean()), rel=1e-5)
+    model.save(tmp_path / "model.zip")
+    loaded = sb3.PPO.load(tmp_path / "model.zip", device="cpu")
+    obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_allclose(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0], rtol=1e-6)
