@@ -1,6 +1,6 @@
 """Quickstart: improve a policy of your own architecture with the shipped reach-v3 improver.
 
-    python examples/quickstart.py [--steps 3] [--episodes 10]
+    python examples/quickstart.py [--steps 5] [--episodes 10] [--mode parameters]
 """
 
 from __future__ import annotations
@@ -32,21 +32,25 @@ class MyPolicy(nn.Module):
 
 @dataclass
 class Args:
-    steps: int = 3
-    """Improvement steps."""
+    steps: int = 5
+    """Improvement steps (a random MyPolicy starts far from any policy the improver saw: measured
+    success 0, 0, 0, 0, 0.9, 1.0 over steps 0-5, return 298 -> 4778)."""
     episodes: int = 10
     """Episodes collected per step."""
     improver: str = "pretrained/reach-v3/improver"
     """A trained improver (save_pretrained folder)."""
     mode: Literal["parameters", "behaviour"] = "parameters"
     """`parameters`: a MyPolicy with new weights; `behaviour`: act with the improver's head."""
+    exploration: float = 0.3
+    """Action noise while collecting: spread states help the improver locate the hidden goal."""
 
 
 def main(args: Args) -> tuple[nn.Module, list[dict]]:
     torch.manual_seed(0)
     improver = Improver.from_pretrained(args.improver)
     task = make_suite("ML1:reach-v3").tasks("test")[0]  # a goal the improver never trained on
-    policy, rows = improve(improver, MyPolicy(), task, steps=args.steps, episodes=args.episodes, mode=args.mode, progress=True)
+    policy, rows = improve(improver, MyPolicy(), task, steps=args.steps, episodes=args.episodes, mode=args.mode,
+                           exploration=args.exploration, progress=True)
     print(format_table(rows))
     return policy, rows
 
