@@ -38,7 +38,8 @@ class ZooRecipe:
     relabel: bool = False
 
 
-# From hopeless to good on ML1:push-v3 (measured returns about 20, 360, 1,700 and 3,700 of the expert's 4,100).
+# From hopeless to good on ML1:push-v3 (measured returns about 20, 360, 1,700 and 3,700 of the expert's 4,100
+# with Meta-World's scripted policy; with SmoothPushPolicy 16-44, 29-229, 24-2,769 and 85-373 of 2,800 on 10 held-out goals).
 GRADED_RECIPES = (
     ZooRecipe(0.9, 1, 10),
     ZooRecipe(0.6, 2, 100),

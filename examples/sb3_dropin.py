@@ -38,6 +38,8 @@ class Args:
     """Rollouts between improvement steps."""
     episodes: int = 10
     """Episodes per improvement step."""
+    exploration: float = 0.3
+    """Action noise in the improver's episodes (helps it locate the hidden goal)."""
     eval_episodes: int = 10
     """Episodes of the final evaluation."""
     compare: bool = False
@@ -61,7 +63,8 @@ def main(args: Args) -> dict:
     ppo = dict(n_steps=args.n_steps, batch_size=min(64, args.n_steps), seed=args.seed)
 
     model = ppo_from_policy(start, task, **ppo)
-    callback = ImproverCallback(Improver.from_pretrained(args.improver), task, every=args.every, episodes=args.episodes, seed=args.seed)
+    callback = ImproverCallback(Improver.from_pretrained(args.improver), task, every=args.every, episodes=args.episodes, seed=args.seed,
+                                exploration=args.exploration)
     model.learn(args.timesteps, callback=[callback, TqdmProgress()])
     result = {
         "ppo+improver": {

@@ -173,11 +173,17 @@ class MetaTrain:
     """A held-out dataset (`improver generate --split test`) to measure success after a step on."""
     validate_every: int = 0
     """Steps between validations (0: only at the end)."""
+    locate_ranked: bool = True
+    """Also train the goal locator on each task's noise-ladder episodes (not only the lesser policy's)."""
+    reward_model: Path | None = None
+    """Meta-train reward-free: this ranking reward model (`improver reward-model`) scores the
+    experience in place of the environment's rewards, in training and at every step after."""
 
     def run(self) -> None:
         import torch
 
         from .augment.dataset import ImprovementDataset
+        from .augment.ranking_reward import load_reward_model
         from .meta_train import MetaTrainConfig, meta_train
         from .network import NetworkConfig
         from .operator import Improver
@@ -191,10 +197,12 @@ class MetaTrain:
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             fit_epochs = self.fit_epochs if self.fit_epochs is not None else (20 if self.distill_weight == 0 else 0)
-            improver = Improver(network, self.distill_steps, fit_epochs)
+            improver = Improver(network, self.distill_steps, fit_epochs, reward_free=self.reward_model is not None)
+        if self.reward_model is not None:
+            improver.reward_model = load_reward_model(self.reward_model).requires_grad_(False)
         config = MetaTrainConfig(
             self.steps, self.batch_size, self.lr, distill_weight=self.distill_weight, checkpoint_every=self.checkpoint_every,
-            validate_every=self.validate_every, seed=self.seed,
+            validate_every=self.validate_every, seed=self.seed, locate_ranked=self.locate_ranked,
         )
         validation = ImprovementDataset(self.validation) if self.validation else None
         meta_train(improver, dataset, config, self.out, validation=validation)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,17 +30,21 @@ from .tasks.video import episode_frames, write_video  # noqa: E402
 VIDEO = RenderConfig(every=4, size=128)
 
 
-def export_lesser(dataset: Any, out: Path, max_success: float = 0.3, limit: int | None = None) -> list[Path]:
-    """Save the lesser policies of a held-out dataset whose success is at most ``max_success``.
+def export_lesser(
+    dataset: Any, out: Path, max_success: float = 0.3, limit: int | None = None, per_task: int | None = None
+) -> list[Path]:
+    """Save the lesser policies of a held-out dataset whose success is at most ``max_success``
+    (at most ``limit`` in all and ``per_task`` per held-out task, in the dataset's order).
 
     Each is written to ``out/<NN>`` with a record naming its suite, split, task and seed.
     """
-    saved = []
+    saved, taken = [], Counter()
     for i in range(len(dataset)):
         example = dataset.example(i)
-        if example.record["success"] > max_success:
-            continue
         info = example.lesser.tasks[0]
+        if example.record["success"] > max_success or (per_task is not None and taken[info.index] >= per_task):
+            continue
+        taken[info.index] += 1
         record = {"suite": info.suite, "suite_seed": info.suite_seed, "split": info.split, "index": info.index, "zoo": example.record}
         saved.append(save_policy(example.policy, out / f"{len(saved):02d}", record=record))
         if limit is not None and len(saved) == limit:

@@ -26,7 +26,7 @@ from .augment.noise import Gaussian, NoisyPolicy
 from .io import atomic_path
 from .operator import Improver
 from .policies import POLICY_CLASSES, save_policy
-from .tasks import Task, rollout
+from .tasks import RenderConfig, Task, rollout
 from .tasks.evaluation import spread
 from .types import Trajectory
 
@@ -84,6 +84,7 @@ def improvement_loop(
     reward_free: bool = False,
     memory: int = 1,
     exploration: float = 0.0,
+    render: RenderConfig | None = None,
     callbacks: Sequence[Callback] = (),
     progress: bool = False,
 ) -> Iterator[LoopStep]:
@@ -110,6 +111,8 @@ def improvement_loop(
             what the next step watches and what success is measured on: they spread the visited
             states around the goal the policy aims at, so the next step locates it better
             (reach-v3: success 0.56 after 3 steps without, 1.0 with 0.3).
+        render: Frames to render while collecting; an improver that watches frames gets the
+            default ``RenderConfig()`` (what ``improver generate --frames`` records) if not given.
         callbacks: Called with each state; one returning ``True`` stops the loop after it.
         progress: Show a progress bar over steps with the latest success and return.
     """
@@ -122,8 +125,10 @@ def improvement_loop(
         raise ValueError(f"exploration must be a non-negative noise level; got {exploration}")
     if mode not in ("parameters", "behaviour"):
         raise ValueError(f"mode must be 'parameters' or 'behaviour'; got {mode!r}")
+    if render is None and improver.config.use_frames:
+        render = RenderConfig()
     # checked above, here: a generator body would only raise at the first next()
-    return _run(improver, policy, tasks, steps, seed, mode, reward_free, memory, exploration, callbacks, progress)
+    return _run(improver, policy, tasks, steps, seed, mode, reward_free, memory, exploration, render, callbacks, progress)
 
 
 def _run(
@@ -136,6 +141,7 @@ def _run(
     reward_free: bool,
     memory: int,
     exploration: float,
+    render: RenderConfig | None,
     callbacks: Sequence[Callback],
     progress: bool,
 ) -> Iterator[LoopStep]:
@@ -144,7 +150,7 @@ def _run(
         for k in range(steps + 1):
             start = time.perf_counter()
             actor = NoisyPolicy(policy, Gaussian(exploration), seed=seed + k) if exploration else policy
-            experience = rollout(actor, tasks, 1, seed=seed + k, progress=False)
+            experience = rollout(actor, tasks, 1, seed=seed + k, render=render, progress=False)
             env_steps += int(experience.lengths.sum())
             busy += time.perf_counter() - start
             metrics = {
@@ -178,7 +184,7 @@ def improve(
     **options: Any,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Run :func:`improvement_loop` to its end; ``options`` are its keyword arguments
-    (``reward_free``, ``memory``, ``exploration``, ``callbacks``, ``progress``).
+    (``reward_free``, ``memory``, ``exploration``, ``render``, ``callbacks``, ``progress``).
 
     Returns the final policy and one row of metrics per step (step 0 is the starting policy):
     success rate, mean return, env steps used so far and wall time.

@@ -234,16 +234,12 @@ class ImprovementNet(nn.Module):
         ``z`` is a learned summary followed, with ``task_dim``, by the normalised goal estimate and
         vote of the ``GoalLocator``.
         """
-        steps = self.token_steps(experience.observations.shape[1]).to(experience.observations.device)
-        obs = self.normalize(experience.observations[:, steps])
-        rewards = experience.rewards if experience.rewards is not None else torch.zeros_like(experience.mask, dtype=obs.dtype)
+        steps, obs, rewards, successes, valid = self._token_inputs(experience)
         time = (steps.to(obs.dtype) / max(1, experience.observations.shape[1]))[None, :, None].expand(obs.shape[0], -1, 1)
-        features = [obs, experience.actions[:, steps], (rewards[:, steps] / self.reward_scale)[..., None],
-                    experience.successes[:, steps, None].to(obs.dtype), time]
+        features = [obs, experience.actions[:, steps], rewards[..., None], successes[..., None], time]
         tokens = self.step_in(torch.cat(features, dim=-1))
         if self.frames is not None:
             tokens = tokens + self._frame_tokens(experience, steps)
-        valid = experience.mask[:, steps]
         # All episodes form one sequence, so the encoder can compare trials with each other.
         encoded = self.encoder(tokens.flatten(0, 1)[None], src_key_padding_mask=~valid.flatten()[None])[0]
         pooled = (encoded * valid.flatten()[:, None]).sum(dim=0) / valid.sum().clamp(min=1)
@@ -251,8 +247,20 @@ class ImprovementNet(nn.Module):
         z = self.context(torch.cat([pooled, fingerprint]))
         if not self.config.task_dim:
             return z
-        goal = self.locator(obs.flatten(0, 1), features[2].flatten(), features[3].flatten(), valid.flatten())
-        return torch.cat([z, goal])
+        return torch.cat([z, self.locate(experience)])
+
+    def locate(self, experience: Trajectory) -> torch.Tensor:
+        """The ``GoalLocator``'s normalised goal estimate and vote ``[2 * task_dim]`` from one batch of episodes."""
+        _, obs, rewards, successes, valid = self._token_inputs(experience)
+        return self.locator(obs.flatten(0, 1), rewards.flatten(), successes.flatten(), valid.flatten())
+
+    def _token_inputs(self, experience: Trajectory) -> tuple[torch.Tensor, ...]:
+        """Token step indices and, at those steps ``[B, S]``: normalised states (``[B, S, obs_dim]``),
+        scaled rewards (zero if missing), success flags and the mask of real steps."""
+        steps = self.token_steps(experience.observations.shape[1]).to(experience.observations.device)
+        obs = self.normalize(experience.observations[:, steps])
+        rewards = experience.rewards if experience.rewards is not None else torch.zeros_like(experience.mask, dtype=obs.dtype)
+        return steps, obs, rewards[:, steps] / self.reward_scale, experience.successes[:, steps].to(obs.dtype), experience.mask[:, steps]
 
     def _frame_tokens(self, experience: Trajectory, steps: torch.Tensor) -> torch.Tensor:
         if experience.frames is None:

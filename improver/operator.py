@@ -84,14 +84,18 @@ class Improver(nn.Module):
         fit_epochs: If above 0, parameters mode instead fits the copy to ``g``'s actions with Adam
             for this many epochs: for an improver meta-trained without the distillation loss,
             whose step sizes were never trained.
+        reward_free: Meta-trained on the rewards of its ranking reward model (``reward_model``,
+            attach one before use): every step scores the experience with that model, whether or
+            not the experience carries the environment's rewards, so the scale it learned holds.
     """
 
-    def __init__(self, config: NetworkConfig, distill_steps: int = 20, fit_epochs: int = 0) -> None:
+    def __init__(self, config: NetworkConfig, distill_steps: int = 20, fit_epochs: int = 0, reward_free: bool = False) -> None:
         super().__init__()
         if fit_epochs < 0:
             raise ValueError(f"fit_epochs must be 0 (meta-learned steps) or more; got {fit_epochs}")
         self.config = config
         self.fit_epochs = fit_epochs
+        self.reward_free = reward_free
         self.net = ImprovementNet(config)
         # Meta-learned: a step size per distillation step and the strength of the trust region.
         self.log_lrs = nn.Parameter(torch.full((distill_steps,), math.log(0.1)))
@@ -121,11 +125,18 @@ class Improver(nn.Module):
                 f"the policy must map a batch of {inputs} to [B, {act_dim}] actions; it returned {shape} "
                 "(recurrent policies are not supported; wrap an SB3 policy in improver.integrations.sb3.SB3Actor)"
             )
-        if experience.rewards is None:
-            if self.reward_model is None:
-                raise ValueError("the experience has no rewards and this improver has no ranking reward model to supply them")
-            experience = replace(experience, rewards=self.reward_model.predict(experience.to("cpu")).to(experience.observations))
-        return experience
+        return self.scored(experience)
+
+    def scored(self, experience: Trajectory) -> Trajectory:
+        """``experience`` with the rewards this improver reads: the ranking reward model's if the
+        experience has none or the improver is ``reward_free``, else the environment's."""
+        if experience.rewards is not None and not self.reward_free:
+            return experience
+        if self.reward_model is None:
+            why = "this improver was meta-trained reward-free" if self.reward_free else "the experience has no rewards"
+            raise ValueError(f"{why} and it has no ranking reward model to supply them (attach one as improver.reward_model)")
+        device = next(self.reward_model.parameters()).device
+        return replace(experience, rewards=self.reward_model.predict(experience.to(device)).to(experience.observations))
 
     def context(self, policy: nn.Module, experience: Trajectory, inputs: PolicyInputs = "observations") -> torch.Tensor:
         """Context ``z`` ``[context_dim]`` summarising the policy (acting on ``inputs``) and its experience."""
@@ -225,6 +236,7 @@ class Improver(nn.Module):
             "network": asdict(self.config),
             "distill_steps": self.distill_steps,
             "fit_epochs": self.fit_epochs,
+            "reward_free": self.reward_free,
             "versions": {p: version(p) for p in ("policy-improver", "torch")},
             "metadata": metadata or {},
         }
@@ -245,7 +257,7 @@ class Improver(nn.Module):
         config = json.loads((path / "config.json").read_text())
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: improver checkpoint format {config.get('format_version')!r}; this version reads {FORMAT_VERSION}")
-        improver = cls(NetworkConfig(**config["network"]), config["distill_steps"], config.get("fit_epochs", 0))
+        improver = cls(NetworkConfig(**config["network"]), config["distill_steps"], config.get("fit_epochs", 0), config.get("reward_free", False))
         try:
             improver.load_state_dict(load_file(path / "model.safetensors"))
         except RuntimeError as err:

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Build the shipped improver in pretrained/<family>/ with the project's own commands:
 # a training dataset, a held-out dataset, meta-training, and the lesser policies of the demo.
-# Usage: scripts/train_pretrained.sh [FAMILY] [TRAIN_TASKS] [STEPS]   (defaults: reach-v3 40 2500)
+# Usage: scripts/train_pretrained.sh [FAMILY] [TRAIN_TASKS] [STEPS] [PER_TASK]   (defaults: reach-v3 40 2500 all)
+# PER_TASK: keep at most this many lesser policies per held-out task (push-v3 ships 1: its zoo is nearly all <= 30%).
 set -euo pipefail
 family=${1:-reach-v3}
 train_tasks=${2:-40}
 steps=${3:-2500}
+per_task=${4:-}
 work=${WORK:-runs/$family}
 out=pretrained/$family
 improver=${IMPROVER:-.venv/bin/improver}
@@ -17,10 +19,11 @@ python=${PYTHON:-.venv/bin/python}
 rm -rf "$out"
 mkdir -p "$out"
 cp -r "$work/run/improver" "$out/improver"
-"$python" - "$work/heldout" "$out/lesser" <<'PY'
+"$python" - "$work/heldout" "$out/lesser" "$per_task" <<'PY'
 import sys
 from pathlib import Path
 from improver.augment.dataset import ImprovementDataset
 from improver.demo import export_lesser
-print(f"{len(export_lesser(ImprovementDataset(sys.argv[1]), Path(sys.argv[2]), max_success=0.3))} lesser policies")
+per_task = int(sys.argv[3]) if sys.argv[3] else None
+print(f"{len(export_lesser(ImprovementDataset(sys.argv[1]), Path(sys.argv[2]), max_success=0.3, per_task=per_task))} lesser policies")
 PY

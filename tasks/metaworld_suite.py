@@ -105,8 +105,42 @@ def _build(family: str, mw_task: Any, render: RenderConfig | None) -> MetaWorldT
 AIM_OFFSET = {"reach-v3": np.array([0.0, 0.0, 0.045])}
 
 
+def _ramp(x: float, start: float, end: float) -> float:
+    """0 at ``start``, 1 at ``end``, linear between and flat outside."""
+    return float(np.clip((x - start) / (end - start), 0.0, 1.0))
+
+
+class SmoothPushPolicy:
+    """Meta-World's push policy with its switches replaced by ramps.
+
+    The scripted policy hovers 20 cm above the puck until the hand is within 2 cm of it in xy,
+    then drops, then pushes: three phases split by thresholds, so its action jumps by up to
+    1.7 at a 1 mm change of state. A learned imitation smooths the jump and hovers for ever
+    (measured: the improver's head, fed the true goal, parked above the puck on 4/4 held-out
+    goals, return about 40 of 4,000). Here the height and the pull toward the goal change
+    continuously with the hand's distance to the puck, and actions are clipped to the env's range.
+    """
+
+    def get_action(self, obs: np.ndarray) -> np.ndarray:
+        """One ``[4]`` action (3-d hand motion, grip effort) for one observation with the goal in it."""
+        hand, puck, goal = obs[:3], obs[4:7] + np.array([-0.005, 0.0, 0.0]), obs[GOAL_SLICE]
+        off_xy = float(np.linalg.norm(hand[:2] - puck[:2]))
+        above = float(hand[2] - puck[2])
+        over = 1.0 - _ramp(off_xy, 0.02, 0.05)  # 1 when the hand is over the puck
+        approach = puck + np.array([0.0, 0.0, 0.03 + 0.17 * (1.0 - over)])
+        push = over * (1.0 - _ramp(above, 0.05, 0.08))  # over the puck and low: push it to the goal
+        target = (1.0 - push) * approach + push * goal
+        grip = 0.6 * over * (1.0 - _ramp(above, 0.10, 0.14))
+        return np.clip(np.append(10.0 * (target - hand), grip), -1.0, 1.0)
+
+
+# Families whose scripted policy is replaced by a smoother one that reaches the same goal.
+SMOOTH_POLICIES = {"push-v3": SmoothPushPolicy}
+
+
 class MetaWorldExpert:
-    """Meta-World's scripted policies (``metaworld.policies``), one per task family."""
+    """Meta-World's scripted policies (``metaworld.policies``), one per task family (or the
+    smoother replacement of :data:`SMOOTH_POLICIES`)."""
 
     def for_task(self, info: TaskInfo) -> "_BoundExpert":
         """Bind to one task: its family's scripted policy and its hidden goal."""
@@ -115,7 +149,7 @@ class MetaWorldExpert:
         if info.family not in ENV_POLICY_MAP:
             raise ValueError(f"Meta-World has no scripted policy for task family {info.family!r}")
         aim = np.asarray(info.goal, dtype=np.float64) + AIM_OFFSET.get(info.family, 0.0)
-        return _BoundExpert(ENV_POLICY_MAP[info.family](), aim)
+        return _BoundExpert(SMOOTH_POLICIES.get(info.family, ENV_POLICY_MAP[info.family])(), aim)
 
     def __call__(self, observations: torch.Tensor) -> torch.Tensor:
         raise TypeError("the Meta-World expert needs its task: call expert.for_task(info) first (rollout does this)")

@@ -6,6 +6,7 @@ import torch
 from improver.augment.dataset import ImprovementDataset
 from improver.augment.generate import GenerateConfig, generate
 from improver.demo import export_lesser, run_demo
+from improver.policies import load_policy
 from improver.network import NetworkConfig
 from improver.operator import Improver
 
@@ -44,6 +45,9 @@ def test_export_keeps_only_lesser_policies(pretrained, tmp_path):
     assert len(saved) == sum(s <= cap for s in successes)
     with pytest.raises(ValueError, match="no lesser policy"):
         export_lesser(data, tmp_path / "none", max_success=-1.0)
+    one_each = export_lesser(data, tmp_path / "one_each", max_success=1.0, per_task=1)
+    tasks = [load_policy(p)[1]["index"] for p in one_each]
+    assert sorted(tasks) == sorted({data.example(i).lesser.tasks[0].index for i in range(len(data))})
 
 
 def test_demo_without_policies_says_what_is_missing(tmp_path):

@@ -13,7 +13,7 @@ from improver.loop import Checkpoint, JSONLinesLog, LoopStep, StopOnSuccess, Ten
 from improver.network import NetworkConfig
 from improver.operator import Improver
 from improver.policies import MLPPolicy, load_policy
-from improver.tasks import rollout
+from improver.tasks import RenderConfig, rollout
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,15 @@ def test_exploration_noise_is_seeded_and_watched(improver, toy):
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1].policy.parameters(), runs[1][1].policy.parameters()))
 
 
+def test_an_improver_that_watches_frames_gets_them_in_the_loop(toy):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        watcher = Improver(NetworkConfig(4, 2, width=16, use_frames=True), distill_steps=2)
+    states = list(improvement_loop(watcher, MLPPolicy(4, 2), toy.tasks("test")[0], steps=1, episodes=1))
+    assert all(s.experience.frames is not None for s in states)
+    assert states[0].experience.frames.shape[-2:] == (RenderConfig().size, RenderConfig().size)
+
+
 class GoalEnv(gym.Env):
     """A plain Gymnasium env (no goal or success in its infos): push a point to x = 0.5."""
 
@@ -171,6 +180,20 @@ def test_sb3_callback_improves_every_m_rollouts_and_writes_back(improver, toy):
     with pytest.raises(ValueError, match="every"):
         ImproverCallback(improver, task, every=0)
     assert SB3Actor(model.policy)(torch.zeros(3, 4)).shape == (3, 2)
+
+
+def test_improver_callback_explores_while_collecting(improver, toy):
+    from improver.integrations.sb3 import ImproverCallback, TaskEnv
+
+    task = toy.tasks("test")[0]
+    returns = []
+    for exploration in (0.0, 0.5):
+        model = sb3.PPO("MlpPolicy", TaskEnv(task), n_steps=40, batch_size=40, n_epochs=1, seed=0, device="cpu")
+        callback = ImproverCallback(improver, task, every=1, episodes=2, exploration=exploration)
+        model.learn(80, callback=callback)
+        returns.append(callback.history[0]["mean_return"])
+    # Same model, same seeds: only the action noise makes the watched episodes differ.
+    assert returns[0] != pytest.approx(returns[1])
 
 
 def test_improve_sb3_on_tasks_returns_a_model_that_saves_and_loads(improver, toy, tmp_path):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -88,3 +89,47 @@ def test_two_processes_take_the_same_step_as_one(toy_dataset, tmp_path):
     b = load_file(tmp_path / "two" / "improver" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_reward_free_meta_training_reads_the_ranking_reward_everywhere(toy_dataset, tmp_path):
+    from dataclasses import replace
+
+    from improver.augment.ranking_reward import RewardModelConfig, train_reward_model
+
+    data = ImprovementDataset(toy_dataset)
+    example = data.example(0)
+    model = train_reward_model(example.lesser, torch.arange(example.lesser.num_episodes, dtype=torch.float32),
+                               RewardModelConfig(steps=5, pairs=20, snippet=(5, 10)), progress=False).requires_grad_(False)
+    improver = Improver(NetworkConfig(4, 2, width=16), distill_steps=3, reward_free=True)
+    with pytest.raises(ValueError, match="reward-free"):
+        improver.scored(example.lesser)
+    improver.reward_model = model
+    trained = meta_train(improver, data, MetaTrainConfig(steps=3, batch_size=2, distill_states=16), tmp_path, progress=False)
+    # The reward scale comes from the model's rewards, not the environment's.
+    model_rewards = model.predict(example.lesser)[example.lesser.mask].abs().max()
+    assert trained.net.reward_scale >= model_rewards - 1e-6
+    assert not torch.isclose(trained.net.reward_scale, data.example(0).lesser.rewards.abs().max())
+    reloaded = Improver.from_pretrained(tmp_path / "improver")
+    assert reloaded.reward_free and reloaded.reward_model is not None
+    # With or without the environment's rewards, a step sees the same context.
+    policy = example.policy
+    torch.testing.assert_close(reloaded.context(policy, reloaded.scored(example.lesser)),
+                               reloaded.context(policy, reloaded.scored(replace(example.lesser, rewards=None))))
+
+
+def test_the_locator_also_learns_from_each_tasks_noise_ladder(toy_dataset, tmp_path):
+    from improver.meta_train import _ladders
+
+    data = ImprovementDataset(toy_dataset)
+    improver = Improver(NetworkConfig(4, 2, width=16, task_dim=2), distill_steps=3)
+    fit_normalization(improver, data)
+    ladders = _ladders(improver, data)
+    example = data.example(0)
+    ladder = ladders[example.lesser.tasks[0].index]
+    assert {info.index for info in ladder.tasks} == {example.lesser.tasks[0].index} and ladder.num_episodes > 1
+    config = MetaTrainConfig(distill_weight=0.0, goal_forcing=None)
+    plain = example_loss(improver, example, config, torch.Generator().manual_seed(0))[1]["task_mse"]
+    both = example_loss(improver, example, config, torch.Generator().manual_seed(0), locate_also=ladder)[1]["task_mse"]
+    located = improver.net.locate(ladder).unflatten(-1, (2, -1))
+    truth = (torch.tensor(example.lesser.tasks[0].goal) - improver.net.task_mean) / improver.net.task_std
+    assert both == pytest.approx((plain + torch.nn.functional.mse_loss(located, truth.expand(2, -1)).item()) / 2, rel=1e-4)

@@ -2,6 +2,7 @@ import pickle
 
 import numpy as np
 import pytest
+from metaworld.policies.sawyer_push_v3_policy import SawyerPushV3Policy
 import torch
 
 from improver.tasks import RenderConfig, make_suite, rollout
@@ -52,6 +53,23 @@ def test_reach_expert_aims_the_fingertips_not_the_hand():
     # Success is measured at the fingertips' centre, 4.5 cm below the observed hand position.
     hand_above_goal = traj.observations[:, -1, :3] - torch.tensor(np.array([info.goal for info in traj.tasks]), dtype=torch.float32)
     assert torch.allclose(hand_above_goal, torch.tensor([0.0, 0.0, 0.045]).expand(2, 3), atol=0.01), hand_above_goal
+
+
+def test_push_expert_is_smooth_and_succeeds(push):
+    traj = rollout(push.expert, push.tasks("test")[:3], 1, max_steps=120, progress=False)
+    assert traj.success.all()
+    # Its action moves little when the state moves little: no switch between phases.
+    expert = push.expert.for_task(traj.tasks[0])
+    states = traj.observations[0, :100]
+    for axis in (0, 1, 2):  # the hand, 1 mm at a time
+        nudged = states.clone()
+        nudged[:, axis] += 1e-3
+        assert (expert(nudged) - expert(states)).abs().max() < 0.2
+    scripted = push.expert.for_task(traj.tasks[0])
+    scripted.policy = SawyerPushV3Policy()
+    jumps = [(scripted(states + torch.eye(39)[a] * 1e-3) - scripted(states)).abs().max() for a in (0, 1, 2)]
+    assert max(jumps) > 0.5  # the scripted policy it replaces does jump
+
 
 def test_same_suite_seed_and_episode_seed_give_identical_episodes(push):
     def noisy(obs):  # depends on the observation, so any drift would show

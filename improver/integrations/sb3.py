@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from improver.augment.noise import Gaussian, NoisyPolicy
 from improver.loop import Callback, as_tasks, improvement_loop
 from improver.operator import Improver
 from improver.tasks import Task, rollout
@@ -98,17 +99,21 @@ class ImproverCallback(BaseCallback):
         every: Rollouts between improvement steps.
         episodes: Episodes collected per improvement step.
         seed: Seed of those episodes (the ``k``-th step uses ``seed + k``).
+        exploration: Std of the Gaussian noise on the actor's actions in those episodes (see
+            :func:`improver.loop.improvement_loop`: it spreads the states a hidden goal is located from).
         verbose: SB3 verbosity.
     """
 
-    def __init__(self, improver: Improver, tasks: Any, every: int = 1, episodes: int = 10, seed: int = 0, verbose: int = 0) -> None:
+    def __init__(
+        self, improver: Improver, tasks: Any, every: int = 1, episodes: int = 10, seed: int = 0, exploration: float = 0.0, verbose: int = 0
+    ) -> None:
         if BaseCallback is object:
             raise ImportError("ImproverCallback needs stable-baselines3: pip install 'policy-improver[baselines]'")
         if every < 1 or episodes < 1:
             raise ValueError(f"every and episodes must be at least 1; got {every} and {episodes}")
         super().__init__(verbose)
         self.improver, self.tasks = improver, spread(as_tasks(tasks), episodes)
-        self.every, self.seed = every, seed
+        self.every, self.seed, self.exploration = every, seed, exploration
         self.rollouts, self.env_steps = 0, 0
         self.history: list[dict[str, Any]] = []
 
@@ -122,7 +127,10 @@ class ImproverCallback(BaseCallback):
 
     def improve_now(self) -> dict[str, Any]:
         """Collect episodes with the current actor, step it, write it back; returns the step's row."""
-        experience = rollout(SB3Actor(self.model.policy), self.tasks, 1, seed=self.seed + len(self.history), progress=False)
+        seed = self.seed + len(self.history)
+        actor = SB3Actor(self.model.policy)
+        actor = NoisyPolicy(actor, Gaussian(self.exploration), seed=seed) if self.exploration else actor
+        experience = rollout(actor, self.tasks, 1, seed=seed, progress=False)
         self.env_steps += int(experience.lengths.sum())
         improve_sb3(self.improver, self.model, experience)
         row = {
