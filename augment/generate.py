@@ -71,7 +71,7 @@ class GenerateConfig:
     frames: bool = False
     render: RenderConfig = field(default_factory=RenderConfig)
     tasks: int | None = None
-    """Use only the first ``tasks`` tasks of the split (default: the preset's number)."""
+    """Use only ``tasks`` tasks of the split, from its families in turn (default: the preset's number)."""
 
 
 def shard_name(task: Task) -> str:
@@ -133,7 +133,7 @@ def generate(config: GenerateConfig, out: str | Path, progress: bool = True) -> 
     out = Path(out)
     suite = make_suite(config.suite, config.suite_seed)
     preset = PRESETS[config.preset]
-    tasks = suite.tasks(config.split)[: config.tasks or preset.tasks]
+    tasks = suite.first(config.split, config.tasks or preset.tasks)
     shards = out / "shards"
     if state.is_main_process:
         shards.mkdir(parents=True, exist_ok=True)

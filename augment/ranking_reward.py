@@ -278,7 +278,7 @@ def fit_on_dataset(
 
         render = RenderConfig(**settings["render"])
     held_out = ranked_family(
-        suite.expert, suite.tasks("test")[:heldout_tasks], preset.ladder, preset.episodes_per_level,
+        suite.expert, suite.first("test", heldout_tasks), preset.ladder, preset.episodes_per_level,
         seed=settings["seed"] + 1, render=render, max_steps=preset.max_steps,
     )
     report = {

@@ -36,11 +36,16 @@ class Demo:
     """Each step watches the episodes of the last this many steps."""
     exploration: float = 0.3
     """Std of the Gaussian noise on actions while collecting (the improver locates the goal from the spread)."""
+    goal_exploration: float = 0.0
+    """Behaviour mode: std (goal units, e.g. metres) of a per-episode offset of the goal the head aims at (push-v3: 0.04)."""
 
     def run(self) -> None:
         from .demo import run_demo
 
-        run_demo(self.pretrained, self.out, self.steps, self.episodes, self.mode, self.seed, self.video, self.memory, self.exploration)
+        run_demo(
+            self.pretrained, self.out, self.steps, self.episodes, self.mode, self.seed, self.video, self.memory, self.exploration,
+            self.goal_exploration,
+        )
 
 
 @dataclass
@@ -101,7 +106,7 @@ class Generate:
     frames: bool = False
     """Render the lesser and ranked episodes (64x64, every 10 steps)."""
     tasks: int | None = None
-    """Use only the first N tasks of the split (default: the preset's number)."""
+    """Use only N tasks of the split, taken from its families in turn (default: the preset's number)."""
 
     def run(self) -> None:
         from .augment.generate import GenerateConfig, generate
@@ -235,6 +240,8 @@ class Improve:
     """Each step watches the episodes of the last this many steps."""
     exploration: float = 0.0
     """Std of the Gaussian noise on actions while collecting (0.3 helps the improver locate hidden goals)."""
+    goal_exploration: float = 0.0
+    """Behaviour mode: std (goal units, e.g. metres) of a per-episode offset of the goal the head aims at (push-v3: 0.04)."""
     out: Path | None = None
     """Save the improved policy here (parameters mode)."""
 
@@ -252,7 +259,7 @@ class Improve:
         policy, record = load_policy(self.policy)
         improved, rows = improve(
             Improver.from_pretrained(self.improver), policy, tasks, self.steps, self.episodes, self.seed, self.mode,
-            memory=self.memory, exploration=self.exploration,
+            memory=self.memory, exploration=self.exploration, goal_exploration=self.goal_exploration,
         )
         print(format_table(rows))
         if self.out is not None and self.mode == "parameters":
@@ -315,6 +322,8 @@ class BenchImprove:
         "improver-behaviour", "improver-parameters", "ppo", "maml", "bc",
     )
     """Which contenders to run."""
+    goal_exploration: float = 0.0
+    """improver-behaviour: std (goal units) of a per-episode offset of the goal its head aims at (push-v3: 0.04)."""
     threads: int | None = None
     """torch threads (default: torch's own choice); 1 on a shared machine."""
 
@@ -328,7 +337,7 @@ class BenchImprove:
         config = BenchConfig(
             suite=self.suite, improver=self.improver, policies=self.policies, data=self.data, preset=self.preset, steps=self.steps,
             episodes=self.episodes, seeds=self.seeds, ppo_multipliers=self.ppo_multipliers, max_policies=self.max_policies,
-            contenders=tuple(self.contenders), maml_update=self.maml_update,
+            contenders=tuple(self.contenders), maml_update=self.maml_update, goal_exploration=self.goal_exploration,
         )
         results = run_benchmark(config, self.out)
         print("\n".join(summary_lines(results)))

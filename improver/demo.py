@@ -56,11 +56,12 @@ def export_lesser(
 
 def run_demo(
     pretrained: Path, out: Path, steps: int, episodes: int, mode: Literal["parameters", "behaviour"], seed: int, video: bool = True,
-    memory: int = 1, exploration: float = 0.3,
+    memory: int = 1, exploration: float = 0.3, goal_exploration: float = 0.0,
 ) -> dict[str, Any]:
     """Improve every lesser policy of ``pretrained`` for ``steps`` steps of ``episodes`` episodes,
     each step watching the episodes of the last ``memory`` steps, collected with ``exploration``
-    noise (see :func:`improver.loop.improvement_loop`).
+    noise and, in behaviour mode, ``goal_exploration`` offsets of the aim (see
+    :func:`improver.loop.improvement_loop`).
 
     Prints the per-step table (averaged over the policies) and writes ``out/summary.json``,
     ``out/success_vs_step.png`` and, with ``video``, ``out/before.mp4`` and ``out/after.mp4`` (the
@@ -75,7 +76,9 @@ def run_demo(
     for folder in tqdm(folders, desc=f"improve ({mode})", unit="policy"):
         policy, record = load_policy(folder)
         task = make_suite(record["suite"], record["suite_seed"]).tasks(record["split"])[record["index"]]
-        final, rows = improve(improver, policy, task, steps, episodes, seed, mode, memory=memory, exploration=exploration)
+        final, rows = improve(
+            improver, policy, task, steps, episodes, seed, mode, memory=memory, exploration=exploration, goal_exploration=goal_exploration
+        )
         runs.append({"policy": folder.name, "task": f"{task.suite} [{task.split}] #{task.index}", "rows": rows, "env": task, "first": policy, "final": final})
     table = pooled([r["rows"] for r in runs])
     print(f"{len(runs)} lesser policies on held-out tasks, {episodes} episodes per step, mode {mode}")
@@ -94,6 +97,7 @@ def run_demo(
         "episodes_per_step": episodes,
         "memory": memory,
         "exploration": exploration,
+        "goal_exploration": goal_exploration,
         "seed": seed,
         "table": table,
         "policies": [{k: r[k] for k in ("policy", "task", "rows")} for r in runs],

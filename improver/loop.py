@@ -18,17 +18,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
 import gymnasium as gym
+import torch
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment.noise import Gaussian, NoisyPolicy
+from .augment.noise import Gaussian, NoisyPolicy, derive_seed
 from .io import atomic_path
-from .operator import Improver
+from .operator import BehaviourPolicy, Improver
 from .policies import POLICY_CLASSES, save_policy
 from .tasks import RenderConfig, Task, rollout
 from .tasks.evaluation import spread
-from .types import Trajectory
+from .types import TaskInfo, Trajectory
 
 Mode = Literal["parameters", "behaviour"]
 
@@ -84,6 +85,7 @@ def improvement_loop(
     reward_free: bool = False,
     memory: int = 1,
     exploration: float = 0.0,
+    goal_exploration: float = 0.0,
     render: RenderConfig | None = None,
     callbacks: Sequence[Callback] = (),
     progress: bool = False,
@@ -111,6 +113,11 @@ def improvement_loop(
             what the next step watches and what success is measured on: they spread the visited
             states around the goal the policy aims at, so the next step locates it better
             (reach-v3: success 0.56 after 3 steps without, 1.0 with 0.3).
+        goal_exploration: Behaviour mode only: each episode of steps 1 and on acts as if the
+            inferred goal were moved by Gaussian noise of this standard deviation (in the goal's
+            own units, e.g. metres), seeded per episode (:class:`GoalSampling`). One aim pushes
+            every episode's object along one line, and distances to points on a line cannot tell
+            a goal from its mirror image across it; several aims spread the object around the goal.
         render: Frames to render while collecting; an improver that watches frames gets the
             default ``RenderConfig()`` (what ``improver generate --frames`` records) if not given.
         callbacks: Called with each state; one returning ``True`` stops the loop after it.
@@ -125,10 +132,14 @@ def improvement_loop(
         raise ValueError(f"exploration must be a non-negative noise level; got {exploration}")
     if mode not in ("parameters", "behaviour"):
         raise ValueError(f"mode must be 'parameters' or 'behaviour'; got {mode!r}")
+    if not goal_exploration >= 0.0:
+        raise ValueError(f"goal_exploration must be a non-negative noise level; got {goal_exploration}")
+    if goal_exploration and (mode != "behaviour" or not improver.config.task_dim):
+        raise ValueError("goal_exploration needs mode='behaviour' and an improver that infers the goal (task_dim > 0)")
     if render is None and improver.config.use_frames:
         render = RenderConfig()
     # checked above, here: a generator body would only raise at the first next()
-    return _run(improver, policy, tasks, steps, seed, mode, reward_free, memory, exploration, render, callbacks, progress)
+    return _run(improver, policy, tasks, steps, seed, mode, reward_free, memory, exploration, goal_exploration, render, callbacks, progress)
 
 
 def _run(
@@ -141,6 +152,7 @@ def _run(
     reward_free: bool,
     memory: int,
     exploration: float,
+    goal_exploration: float,
     render: RenderConfig | None,
     callbacks: Sequence[Callback],
     progress: bool,
@@ -149,7 +161,8 @@ def _run(
     with tqdm(total=steps + 1, desc=f"improve ({mode})", unit="step", disable=not progress) as bar:
         for k in range(steps + 1):
             start = time.perf_counter()
-            actor = NoisyPolicy(policy, Gaussian(exploration), seed=seed + k) if exploration else policy
+            actor = GoalSampling(policy, goal_exploration, seed=seed + k) if goal_exploration and isinstance(policy, BehaviourPolicy) else policy
+            actor = NoisyPolicy(actor, Gaussian(exploration), seed=seed + k) if exploration else actor
             experience = rollout(actor, tasks, 1, seed=seed + k, render=render, progress=False)
             env_steps += int(experience.lengths.sum())
             busy += time.perf_counter() - start
@@ -173,6 +186,30 @@ def _run(
             busy += time.perf_counter() - start
 
 
+class GoalSampling:
+    """A behaviour-mode policy that, per episode, aims at its inferred goal plus Gaussian noise.
+
+    The rollout collector calls :meth:`for_task` once per episode; the offset is drawn from a
+    generator seeded by ``seed`` and the episode's seed, so the same episodes get the same aims.
+
+    Args:
+        policy: A :class:`~improver.operator.BehaviourPolicy` of an improver that infers a goal.
+        sigma: Standard deviation of the offset, in the goal's own units.
+        seed: Seed of the offsets.
+    """
+
+    def __init__(self, policy: BehaviourPolicy, sigma: float, seed: int = 0) -> None:
+        self.policy, self.sigma, self.seed = policy, sigma, seed
+
+    def for_task(self, info: TaskInfo) -> BehaviourPolicy:
+        """The policy aimed elsewhere for one episode."""
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, info.episode_seed))
+        return self.policy.aiming(self.sigma * torch.randn(self.policy.net.config.task_dim, generator=generator))
+
+    def __call__(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.policy(observations)
+
+
 def improve(
     improver: Improver,
     policy: nn.Module,
@@ -184,7 +221,7 @@ def improve(
     **options: Any,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Run :func:`improvement_loop` to its end; ``options`` are its keyword arguments
-    (``reward_free``, ``memory``, ``exploration``, ``render``, ``callbacks``, ``progress``).
+    (``reward_free``, ``memory``, ``exploration``, ``goal_exploration``, ``render``, ``callbacks``, ``progress``).
 
     Returns the final policy and one row of metrics per step (step 0 is the starting policy):
     success rate, mean return, env steps used so far and wall time.

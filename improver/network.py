@@ -8,6 +8,7 @@ them into a context ``z``, and predicts better behaviour ``g(a | s, z)`` as a Ga
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -227,6 +228,13 @@ class ImprovementNet(nn.Module):
     def task_part(self, z: torch.Tensor) -> torch.Tensor:
         """The normalised goal estimate and vote held in ``z``, ``[..., 2, task_dim]``."""
         return z[..., self.config.width :].unflatten(-1, (2, self.config.task_dim))
+
+    def aimed(self, z: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """``z`` with its goal estimate and vote moved by ``offset`` ``[task_dim]`` (in the task's own units)."""
+        if not self.config.task_dim:
+            raise ValueError("this improver infers no goal (task_dim 0): there is nothing to aim elsewhere")
+        shift = (offset.to(z) / self.task_std).repeat(2)
+        return torch.cat([z[..., : self.config.width], z[..., self.config.width :] + shift], dim=-1)
 
     def encode(self, experience: Trajectory, policy_actions: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
         """Context ``z`` ``[context_dim]`` from one batch of episodes and the policy's actions on ``probes``.

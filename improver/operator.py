@@ -74,6 +74,10 @@ class BehaviourPolicy(nn.Module):
         obs = observations.to(self.z)
         return self.net.head.act(self.net.normalize(obs), self.z)
 
+    def aiming(self, offset: torch.Tensor) -> BehaviourPolicy:
+        """The same behaviour aimed at the inferred goal plus ``offset`` ``[task_dim]`` (task units); shares the network."""
+        return BehaviourPolicy(self.net, self.net.aimed(self.z, offset)).eval()
+
 
 class Improver(nn.Module):
     """Watches a policy's experience and returns a better policy.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from typing import Callable
 
 import gymnasium as gym
@@ -72,6 +73,19 @@ class Suite:
         if split not in self.splits:
             raise ValueError(f"suite {self.name!r} has no split {split!r}; its splits are {sorted(self.splits)}")
         return self.splits[split]
+
+    def first(self, split: str, count: int | None) -> tuple[Task, ...]:
+        """``count`` tasks of ``split`` (all if ``None``), taken from its families in turn.
+
+        Meta-World lists a multi-family split family by family (ML10's first 50 train tasks are
+        all reach-v3), so a plain prefix would see one family; with one family this is the prefix.
+        """
+        tasks = self.tasks(split)
+        by_family: dict[str, list[Task]] = {}
+        for task in tasks:
+            by_family.setdefault(task.family, []).append(task)
+        turns = [t for group in zip_longest(*by_family.values()) for t in group if t is not None]
+        return tuple(turns[: len(tasks) if count is None else count])
 
     @property
     def families(self) -> dict[str, tuple[str, ...]]:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from improver.integrations.envs import ContractWrapper, env_task
-from improver.loop import Checkpoint, JSONLinesLog, LoopStep, StopOnSuccess, TensorBoardLog, improve, improvement_loop
+from improver.loop import Checkpoint, GoalSampling, JSONLinesLog, LoopStep, StopOnSuccess, TensorBoardLog, improve, improvement_loop
 from improver.network import NetworkConfig
 from improver.operator import Improver
 from improver.policies import MLPPolicy, load_policy
@@ -92,6 +92,33 @@ def test_loop_rejects_bad_input(improver, toy):
         improvement_loop(improver, MLPPolicy(4, 2), toy.tasks("test")[:1], mode="params")
     with pytest.raises(ValueError, match="exploration"):
         improvement_loop(improver, MLPPolicy(4, 2), toy.tasks("test")[:1], exploration=-0.1)
+
+
+def test_goal_exploration_aims_each_episode_elsewhere(toy):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        locating = Improver(NetworkConfig(4, 2, width=32, task_dim=2), distill_steps=5)
+    tasks = toy.tasks("test")[:1]
+    with pytest.raises(ValueError, match="goal_exploration needs mode='behaviour'"):
+        improvement_loop(locating, MLPPolicy(4, 2), tasks, goal_exploration=0.1)
+    with pytest.raises(ValueError, match="goal_exploration needs"):
+        improvement_loop(improver_without_goal(), MLPPolicy(4, 2), tasks, mode="behaviour", goal_exploration=0.1)
+    start = MLPPolicy(4, 2)
+    runs = [list(improvement_loop(locating, start, tasks, steps=1, episodes=3, seed=2, mode="behaviour", goal_exploration=0.5)) for _ in range(2)]
+    assert torch.equal(runs[0][1].experience.actions, runs[1][1].experience.actions)  # seeded
+    behaviour = runs[0][1].policy
+    sampling = GoalSampling(behaviour, 0.5, seed=1)
+    first = runs[0][1].experience.tasks[0]
+    aims = [locating.net.task_estimate(sampling.for_task(first._replace(episode_seed=s)).z) for s in range(3)]
+    offsets = torch.stack(aims) - locating.net.task_estimate(behaviour.z)
+    assert 0.1 < offsets.std() < 1.5 and not torch.allclose(offsets[0], offsets[1])  # noise in the goal's own units
+    obs = runs[0][1].experience.observations[0, :5]
+    assert not torch.allclose(sampling.for_task(first)(obs), behaviour(obs))  # the head acts on the moved goal
+    assert torch.equal(sampling(obs), behaviour(obs))
+
+
+def improver_without_goal() -> Improver:
+    return Improver(NetworkConfig(4, 2, width=16), distill_steps=1)
 
 
 def test_exploration_noise_is_seeded_and_watched(improver, toy):

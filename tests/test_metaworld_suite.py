@@ -25,6 +25,11 @@ def test_ml10_held_out_families_never_in_train():
     assert len(train) == 10 and len(test) == 5
     assert not train & test
     assert {t.family for t in ml10.tasks("test")} == test
+    # A dataset of a few tasks sees every family before any family twice.
+    first = ml10.first("train", 12)
+    assert [t.family for t in first[:10]] == list(ml10.families["train"])
+    assert [t.index for t in first[10:]] == [1, 51]
+    assert ml10.first("test", None) and len(ml10.first("test", None)) == len(ml10.tasks("test"))
 
 
 def test_multi_task_suites_have_no_held_out_split():
