@@ -40,6 +40,8 @@ class Args:
     """Episodes per improvement step."""
     exploration: float = 0.3
     """Action noise in the improver's episodes (helps it locate the hidden goal)."""
+    watch_rollouts: bool = False
+    """Let the improver watch PPO's own rollouts (no extra env steps) instead of collecting episodes."""
     eval_episodes: int = 10
     """Episodes of the final evaluation."""
     compare: bool = False
@@ -63,7 +65,8 @@ def main(args: Args) -> dict:
     ppo = dict(n_steps=args.n_steps, batch_size=min(64, args.n_steps), seed=args.seed)
 
     model = ppo_from_policy(start, task, **ppo)
-    callback = ImproverCallback(Improver.from_pretrained(args.improver), task, every=args.every, episodes=args.episodes, seed=args.seed,
+    watched = None if args.watch_rollouts else task
+    callback = ImproverCallback(Improver.from_pretrained(args.improver), watched, every=args.every, episodes=args.episodes, seed=args.seed,
                                 exploration=args.exploration)
     model.learn(args.timesteps, callback=[callback, TqdmProgress()])
     result = {

@@ -4,6 +4,7 @@ import os
 import runpy
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,8 @@ def test_sb3_dropin(monkeypatch, toy_improver, tmp_path, capsys):
     assert improved["env_steps"] == 160 + 2 * 40 and result["ppo"]["env_steps"] == improved["env_steps"]
     assert (tmp_path / "model.zip").is_file()
     assert "ppo+improver: success" in capsys.readouterr().out
+    watching = example["main"](replace(args, watch_rollouts=True, compare=False))["ppo+improver"]
+    assert len(watching["improver_steps"]) == 1 and watching["env_steps"] == 160  # no episodes of its own
 
 
 @pytest.mark.slow  # Meta-World data generation and 500-step episodes: about a minute on 2 busy cores

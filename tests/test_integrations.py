@@ -14,6 +14,7 @@ from improver.network import NetworkConfig
 from improver.operator import Improver
 from improver.policies import MLPPolicy, load_policy
 from improver.tasks import RenderConfig, rollout
+from improver.types import Trajectory
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +208,37 @@ def test_sb3_callback_improves_every_m_rollouts_and_writes_back(improver, toy):
     with pytest.raises(ValueError, match="every"):
         ImproverCallback(improver, task, every=0)
     assert SB3Actor(model.policy)(torch.zeros(3, 4)).shape == (3, 2)
+
+
+def test_sb3_callback_can_watch_the_models_own_rollouts(improver, toy):
+    from improver.integrations.sb3 import ImproverCallback, TaskEnv
+
+    task = toy.tasks("test")[0]
+    n_steps = 2 * task.max_steps
+    model = sb3.PPO("MlpPolicy", TaskEnv(task), n_steps=n_steps, batch_size=n_steps, n_epochs=1, seed=0, device="cpu")
+    buffers, watched = [], []
+
+    class Spy(ImproverCallback):
+        def _on_rollout_end(self):
+            buffer = self.model.rollout_buffer
+            buffers.append((buffer.observations[:, 0].copy(), np.clip(buffer.actions[:, 0], -1, 1), buffer.rewards[:, 0].copy()))
+
+        def improve_now(self):
+            watched.append(Trajectory.cat(self._ended))
+            return super().improve_now()
+
+    with pytest.raises(ValueError, match="nothing to watch"):
+        ImproverCallback(improver, None).improve_now()
+    callback = Spy(improver, None, every=1, episodes=2)
+    model.learn(3 * n_steps, callback=callback)  # 3 rollouts of 2 episodes: steps before rollouts 2 and 3
+    assert len(callback.history) == 2 and callback.env_steps == 0
+    for (observations, actions, rewards), seen in zip(buffers, watched):
+        assert seen.observations.shape[:2] == (2, task.max_steps)
+        np.testing.assert_array_equal(seen.observations.flatten(0, 1).numpy(), observations)
+        np.testing.assert_array_equal(seen.actions.flatten(0, 1).numpy(), actions)
+        # PPO adds the bootstrapped value to the reward of a truncated episode's last step
+        np.testing.assert_allclose(seen.rewards[:, :-1].numpy(), rewards.reshape(2, -1)[:, :-1], rtol=1e-6)
+    assert callback.history[0]["mean_return"] == pytest.approx(float(watched[0].returns.mean()))
 
 
 def test_improver_callback_explores_while_collecting(improver, toy):

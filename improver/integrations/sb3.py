@@ -18,7 +18,7 @@ from improver.loop import Callback, as_tasks, improvement_loop
 from improver.operator import Improver
 from improver.tasks import Task, rollout
 from improver.tasks.evaluation import spread
-from improver.types import Trajectory
+from improver.types import TaskInfo, Trajectory
 
 try:
     from stable_baselines3.common.callbacks import BaseCallback
@@ -85,53 +85,83 @@ def improve_sb3_on_tasks(
 class ImproverCallback(BaseCallback):
     """An SB3 callback that applies ``improver.step`` to the model's actor every ``every`` rollouts.
 
-    Before every ``every``-th rollout after the first (so after PPO's own update of the rollout
-    before, whose stored log-probabilities belong to the old parameters), it collects
-    ``episodes`` episodes on ``tasks`` with the deterministic actor, steps it and writes the new
-    parameters into ``model.policy``. Those episodes are extra environment steps, counted in
-    :attr:`env_steps`; each step's row (``num_timesteps``, success and mean return of the
-    episodes the step watched) is kept in :attr:`history` and logged under ``improver/``.
+    The step happens before every ``every``-th rollout after the first (so after PPO's own update
+    of the rollout before, whose stored log-probabilities belong to the old parameters), and the
+    new parameters are written into ``model.policy``. What the improver watches:
+
+    - ``tasks`` given: ``episodes`` fresh episodes on ``tasks`` with the deterministic actor (plus
+      ``exploration`` noise). Those are extra environment steps, counted in :attr:`env_steps`.
+    - ``tasks=None``: the model's own rollouts, as PPO sampled them (its exploration noise
+      included): the last ``episodes`` episodes that ended since the previous step. No extra
+      environment steps; a step is skipped while no episode has ended. Needs a flat ``Box``
+      observation space.
+
+    Each step's row (``num_timesteps``, success and mean return of the episodes the step watched,
+    extra ``env_steps`` so far) is kept in :attr:`history` and logged under ``improver/``.
 
     Args:
         improver: A trained improver (parameters mode).
         tasks: A task, tasks, or a Gymnasium env factory: where the improver's episodes run
-            (normally the task the model learns on).
+            (normally the task the model learns on); ``None`` to watch the model's rollouts.
         every: Rollouts between improvement steps.
-        episodes: Episodes collected per improvement step.
-        seed: Seed of those episodes (the ``k``-th step uses ``seed + k``).
-        exploration: Std of the Gaussian noise on the actor's actions in those episodes (see
+        episodes: Episodes watched per improvement step.
+        seed: Seed of the collected episodes (the ``k``-th step uses ``seed + k``).
+        exploration: Std of the Gaussian noise on the actor's actions in collected episodes (see
             :func:`improver.loop.improvement_loop`: it spreads the states a hidden goal is located from).
         verbose: SB3 verbosity.
     """
 
     def __init__(
-        self, improver: Improver, tasks: Any, every: int = 1, episodes: int = 10, seed: int = 0, exploration: float = 0.0, verbose: int = 0
+        self, improver: Improver, tasks: Any | None, every: int = 1, episodes: int = 10, seed: int = 0, exploration: float = 0.0, verbose: int = 0
     ) -> None:
         if BaseCallback is object:
             raise ImportError("ImproverCallback needs stable-baselines3: pip install 'policy-improver[baselines]'")
         if every < 1 or episodes < 1:
             raise ValueError(f"every and episodes must be at least 1; got {every} and {episodes}")
         super().__init__(verbose)
-        self.improver, self.tasks = improver, spread(as_tasks(tasks), episodes)
-        self.every, self.seed, self.exploration = every, seed, exploration
+        self.improver, self.tasks = improver, None if tasks is None else spread(as_tasks(tasks), episodes)
+        self.every, self.episodes, self.seed, self.exploration = every, episodes, seed, exploration
         self.rollouts, self.env_steps = 0, 0
         self.history: list[dict[str, Any]] = []
+        self._running: dict[int, list[tuple[np.ndarray, ...]]] = {}  # per env: the steps of its unfinished episode
+        self._ended: list[Trajectory] = []
 
     def _on_rollout_start(self) -> None:
-        if self.rollouts and self.rollouts % self.every == 0:
+        if self.rollouts and self.rollouts % self.every == 0 and (self.tasks is not None or self._ended):
             self.improve_now()
         self.rollouts += 1
 
     def _on_step(self) -> bool:
+        if self.tasks is None:
+            self._record(self.locals)
         return True
 
-    def improve_now(self) -> dict[str, Any]:
-        """Collect episodes with the current actor, step it, write it back; returns the step's row."""
+    def _record(self, local: dict[str, Any]) -> None:
+        """Keep this step of every env; an episode that ends joins the watched ones."""
+        observations = np.asarray(local["obs_tensor"].cpu(), np.float32)
+        actions = np.asarray(local["clipped_actions"], np.float32).reshape(len(observations), -1)
+        rewards = np.array(local["rewards"], np.float32)  # a copy: PPO adds bootstrap values in place afterwards
+        for i, (done, info) in enumerate(zip(local["dones"], local["infos"])):
+            steps = self._running.setdefault(i, [])
+            steps.append((observations[i], actions[i], rewards[i], float(info.get("success", 0.0)) > 0))
+            if done:
+                self._ended = [*self._ended, _episode(steps, i)][-self.episodes :]
+                self._running[i] = []
+
+    def _collect(self) -> Trajectory:
         seed = self.seed + len(self.history)
         actor = SB3Actor(self.model.policy)
         actor = NoisyPolicy(actor, Gaussian(self.exploration), seed=seed) if self.exploration else actor
         experience = rollout(actor, self.tasks, 1, seed=seed, progress=False)
         self.env_steps += int(experience.lengths.sum())
+        return experience
+
+    def improve_now(self) -> dict[str, Any]:
+        """Step the current actor on the watched episodes, write it back; returns the step's row."""
+        if self.tasks is None and not self._ended:
+            raise ValueError("no rollout episode has ended yet: there is nothing to watch (tasks=None)")
+        experience = self._collect() if self.tasks is not None else Trajectory.cat(self._ended)
+        self._ended = []
         improve_sb3(self.improver, self.model, experience)
         row = {
             "num_timesteps": self.num_timesteps,
@@ -143,6 +173,20 @@ class ImproverCallback(BaseCallback):
         for key in ("success", "mean_return", "env_steps"):
             self.logger.record(f"improver/{key}", row[key])
         return row
+
+
+def _episode(steps: list[tuple[np.ndarray, ...]], env_index: int) -> Trajectory:
+    """One episode of an SB3 rollout as a one-episode :class:`Trajectory` (its task is unknown)."""
+    observations, actions, rewards, successes = (np.stack(column) for column in zip(*steps))
+    info = TaskInfo("sb3", "sb3", "train", env_index, 0, -1, (), "unknown")
+    return Trajectory(
+        observations=torch.from_numpy(observations)[None],
+        actions=torch.from_numpy(actions)[None],
+        rewards=torch.from_numpy(rewards)[None],
+        successes=torch.from_numpy(successes)[None],
+        mask=torch.ones(1, len(steps), dtype=torch.bool),
+        tasks=(info,),
+    )
 
 
 class TqdmProgress(BaseCallback):
