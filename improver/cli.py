@@ -1,4 +1,4 @@
-"""The ``improver`` command: ``demo``, ``rollout``, ``generate``, ``reward-model`` and ``bench rollout``."""
+"""The ``improver`` command: ``demo``, ``rollout``, ``generate``, ``reward-model``, ``meta-train``, ``refine-locator``, ``improve`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 
 from .io import atomic_path
+from .refine import RefineConfig
 
 
 @dataclass
@@ -215,6 +216,33 @@ class MetaTrain:
 
 
 @dataclass
+class RefineLocator:
+    """Train an improver's goal locator on the episodes its own behaviour loop collects on the training tasks
+    (resumes from OUT/episodes). Run it after `improver meta-train`; repeat it on its output for another round."""
+
+    improver: Path
+    """A meta-trained improver that infers the goal."""
+    data: Path
+    """The training dataset it was meta-trained on (never a held-out one)."""
+    out: Path
+    """Run folder: the collected episodes in OUT/episodes, the refined improver in OUT/improver."""
+    config: Annotated[RefineConfig, tyro.conf.OmitArgPrefixes] = RefineConfig()
+
+    def run(self) -> None:
+        from .augment.dataset import ImprovementDataset
+        from .operator import Improver
+        from .refine import refine_locator
+
+        improver = Improver.from_pretrained(self.improver)
+        source = {"source": str(self.improver), "source_metadata": json.loads((self.improver / "config.json").read_text())["metadata"]}
+        _, scores = refine_locator(improver, ImprovementDataset(self.data), self.config, self.out, metadata=source)
+        print(
+            f"locator error on the {scores['experiences']} collected experiences (training tasks): "
+            f"{scores['error_before']:.4f} -> {scores['error_after']:.4f}; wrote {self.out / 'improver'}"
+        )
+
+
+@dataclass
 class Improve:
     """Improve a saved policy with a trained improver: collect episodes, step, repeat; print a table."""
 
@@ -350,7 +378,7 @@ def _write_json(path: Path, data: object) -> None:
     print(f"wrote {path}")
 
 
-COMMANDS = {"demo": Demo, "rollout": Rollout, "generate": Generate, "reward-model": RewardModel, "meta-train": MetaTrain, "improve": Improve}
+COMMANDS = {"demo": Demo, "rollout": Rollout, "generate": Generate, "reward-model": RewardModel, "meta-train": MetaTrain, "refine-locator": RefineLocator, "improve": Improve}
 BENCHMARKS = {"rollout": BenchRollout, "improve": BenchImprove}
 
 
@@ -364,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
             COMMANDS,
             prog="improver",
             args=argv,
-            description="policy-improver. Commands: demo, rollout, generate, reward-model, meta-train, improve; benchmarks: `improver bench rollout`, `improver bench improve`.",
+            description="policy-improver. Commands: demo, rollout, generate, reward-model, meta-train, refine-locator, improve; benchmarks: `improver bench rollout`, `improver bench improve`.",
         )
     command.run()
 

@@ -116,6 +116,17 @@ def task_target(example: Example) -> torch.Tensor:
     return torch.tensor(example.lesser.tasks[0].goal, dtype=torch.float32)
 
 
+def normalized_goal(net: nn.Module, experience: Trajectory) -> torch.Tensor:
+    """The goal of ``experience``'s (first) task in the network's normalised units."""
+    return (torch.tensor(experience.tasks[0].goal).to(net.task_std) - net.task_mean) / net.task_std
+
+
+def locate_error(net: nn.Module, experience: Trajectory) -> torch.Tensor:
+    """Squared error of the goal locator's estimate and vote from ``experience`` (one task's episodes), normalised units."""
+    located = net.locate(experience).unflatten(-1, (2, -1))
+    return nn.functional.mse_loss(located, normalized_goal(net, experience).expand(2, -1))
+
+
 def example_loss(
     improver: Improver, example: Example, config: MetaTrainConfig, generator: torch.Generator, locate_also: Trajectory | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -140,11 +151,10 @@ def example_loss(
     z = net.encode(lesser, probe_actions, probes)
     task = torch.zeros((), device=device)
     if net.config.task_dim:
-        truth = (task_target(example).to(device) - net.task_mean) / net.task_std
+        truth = normalized_goal(net, lesser)
         task = nn.functional.mse_loss(net.task_part(z), truth.expand(2, -1))
         if locate_also is not None:
-            located = net.locate(locate_also.to(device)).unflatten(-1, (2, -1))
-            task = (task + nn.functional.mse_loss(located, truth.expand(2, -1))) / 2
+            task = (task + locate_error(net, locate_also.to(device))) / 2
         if config.goal_forcing is not None:
             noise = config.goal_forcing * torch.randn((2, *truth.shape), generator=generator).to(device)
             z = torch.cat([z[: net.config.width], (truth + noise).flatten()])

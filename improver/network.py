@@ -262,6 +262,11 @@ class ImprovementNet(nn.Module):
         _, obs, rewards, successes, valid = self._token_inputs(experience)
         return self.locator(obs.flatten(0, 1), rewards.flatten(), successes.flatten(), valid.flatten())
 
+    def success_points(self, experience: Trajectory) -> torch.Tensor:
+        """The locator's points ``[M, task_dim]`` (normalised) at the token steps whose success flag is set."""
+        _, obs, _, successes, valid = self._token_inputs(experience)
+        return self.locator.point(obs[(successes > 0) & valid])
+
     def _token_inputs(self, experience: Trajectory) -> tuple[torch.Tensor, ...]:
         """Token step indices and, at those steps ``[B, S]``: normalised states (``[B, S, obs_dim]``),
         scaled rewards (zero if missing), success flags and the mask of real steps."""

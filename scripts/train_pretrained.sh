@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Build the shipped improver in pretrained/<family>/ with the project's own commands:
 # a training dataset, a held-out dataset, meta-training, and the lesser policies of the demo.
-# Usage: scripts/train_pretrained.sh [FAMILY] [TRAIN_TASKS] [STEPS] [PER_TASK]   (defaults: reach-v3 40 2500 all)
+# Usage: scripts/train_pretrained.sh [FAMILY] [TRAIN_TASKS] [STEPS] [PER_TASK] [REFINE_ROUNDS]   (defaults: reach-v3 40 2500 all 0)
 # PER_TASK: keep at most this many lesser policies per held-out task (push-v3 ships 1: its zoo is nearly all <= 30%).
+# REFINE_ROUNDS: rounds of `improver refine-locator` after meta-training (the locator trained on the loop's own episodes).
 set -euo pipefail
 family=${1:-reach-v3}
 train_tasks=${2:-40}
 steps=${3:-2500}
 per_task=${4:-}
+refine_rounds=${5:-0}
 work=${WORK:-runs/$family}
 out=pretrained/$family
 improver=${IMPROVER:-.venv/bin/improver}
@@ -16,9 +18,14 @@ python=${PYTHON:-.venv/bin/python}
 "$improver" generate --suite "ML1:$family" --out "$work/train" --tasks "$train_tasks"
 "$improver" generate --suite "ML1:$family" --split test --out "$work/heldout" --tasks 10
 "$improver" meta-train --data "$work/train" --out "$work/run" --steps "$steps" --lr 1e-3 --distill-weight 0 --checkpoint-every 250
+trained=$work/run/improver
+for round in $(seq 1 "$refine_rounds"); do
+  "$improver" refine-locator --improver "$trained" --data "$work/train" --out "$work/refine$round"
+  trained=$work/refine$round/improver
+done
 rm -rf "$out"
 mkdir -p "$out"
-cp -r "$work/run/improver" "$out/improver"
+cp -r "$trained" "$out/improver"
 "$python" - "$work/heldout" "$out/lesser" "$per_task" <<'PY'
 import sys
 from pathlib import Path

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from improver.augment.dataset import ImprovementDataset
+from improver.meta_train import MetaTrainConfig, meta_train
+from improver.network import NetworkConfig
+from improver.operator import Improver
+from improver.refine import RefineConfig, refine_locator
+
+
+@pytest.fixture(scope="module")
+def locating(toy_dataset, tmp_path_factory):
+    """A toy improver that infers the goal, briefly meta-trained."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        improver = Improver(NetworkConfig(4, 2, width=16, token_stride=1, task_dim=2), distill_steps=3)
+    config = MetaTrainConfig(steps=20, batch_size=3, distill_weight=0.0)
+    return meta_train(improver, ImprovementDataset(toy_dataset), config, tmp_path_factory.mktemp("meta"), progress=False).net.state_dict()
+
+
+def copy_of(state):
+    improver = Improver(NetworkConfig(4, 2, width=16, token_stride=1, task_dim=2), distill_steps=3)
+    improver.net.load_state_dict(state)
+    return improver
+
+
+CONFIG = RefineConfig(loop_steps=1, episodes=2, max_success=1.0, steps=40, batch_size=4)
+
+
+def test_refining_fits_only_the_locator_to_the_loops_own_episodes(toy_dataset, locating, tmp_path):
+    data = ImprovementDataset(toy_dataset)
+    refined, scores = refine_locator(copy_of(locating), data, CONFIG, tmp_path, progress=False)
+    tasks = {data.example(i).lesser.tasks[0].index for i in range(len(data))}
+    assert sorted(p.name for p in (tmp_path / "episodes").iterdir()) == [f"task-{t:04d}.h5" for t in sorted(tasks)]
+    assert scores["experiences"] == 2 * len(tasks)  # steps 0 and 1 of each task's loop
+    assert scores["error_after"] < scores["error_before"]
+    changed = {name for name, value in refined.net.state_dict().items() if not torch.equal(value, locating[name])}
+    assert changed and all(name.startswith("locator.") for name in changed)
+    reloaded = Improver.from_pretrained(tmp_path / "improver")
+    torch.testing.assert_close(reloaded.net.state_dict(), refined.net.state_dict())
+
+    # A rerun (as after a kill) reuses the episodes on disk and fits the same locator.
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "episodes").iterdir()}
+    again, _ = refine_locator(copy_of(locating), data, CONFIG, tmp_path, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "episodes").iterdir()} == stamps
+    torch.testing.assert_close(again.net.state_dict(), refined.net.state_dict())
+
+
+def test_refining_needs_an_improver_that_infers_the_goal(toy_dataset, tmp_path):
+    with pytest.raises(ValueError, match="no locator"):
+        refine_locator(Improver(NetworkConfig(4, 2, width=16)), ImprovementDataset(toy_dataset), CONFIG, tmp_path, progress=False)
+    assert not (tmp_path / "improver").exists()
+
+
+def test_refine_locator_command(toy_dataset, locating, tmp_path, capsys):
+    import json
+
+    from improver.cli import main
+
+    copy_of(locating).save_pretrained(tmp_path / "meta", metadata={"meta_train": {"steps": 20}})
+    args = ["refine-locator", "--improver", str(tmp_path / "meta"), "--data", str(toy_dataset), "--out", str(tmp_path / "run"),
+            "--loop-steps", "1", "--episodes", "2", "--steps", "5"]
+    with pytest.raises(ValueError, match="no lesser policy"):
+        main([*args, "--max-success", "-1"])
+    main([*args, "--max-success", "1"])
+    assert "locator error on the" in capsys.readouterr().out
+    record = json.loads((tmp_path / "run" / "improver" / "config.json").read_text())["metadata"]
+    assert record["source_metadata"] == {"meta_train": {"steps": 20}} and record["refine_locator"]["loop_steps"] == 1
+
+
+def test_success_steps_pull_the_locators_points_onto_the_goal(toy, locating):
+    from improver.meta_train import locate_error, normalized_goal
+    from improver.refine import refine_error
+    from improver.tasks import rollout
+
+    net = copy_of(locating).net
+    task = toy.tasks("test")[0]
+    succeeding = rollout(toy.expert, task, 1, progress=False)
+    failing = rollout(lambda obs: torch.zeros(len(obs), 2), task, 1, progress=False)
+    assert succeeding.successes.any() and not failing.successes.any()
+    points = net.success_points(succeeding)
+    assert len(points) == int(succeeding.successes[0, : succeeding.observations.shape[1]].sum())  # token stride 1
+    expected = ((points - normalized_goal(net, succeeding)) ** 2).sum(dim=-1).mean()
+    torch.testing.assert_close(refine_error(net, succeeding, 2.0), locate_error(net, succeeding) + 2.0 * expected)
+    torch.testing.assert_close(refine_error(net, failing, 2.0), locate_error(net, failing))
