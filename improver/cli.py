@@ -270,6 +270,8 @@ class Improve:
     """Std of the Gaussian noise on actions while collecting (0.3 helps the improver locate hidden goals)."""
     goal_exploration: float = 0.0
     """Behaviour mode: std (goal units, e.g. metres) of a per-episode offset of the goal the head aims at (push-v3: 0.04)."""
+    wide_goal_exploration: float = 0.0
+    """Behaviour mode: the goal exploration of a step after one whose episodes all failed (0: --goal-exploration)."""
     out: Path | None = None
     """Save the improved policy here (parameters mode)."""
 
@@ -288,6 +290,7 @@ class Improve:
         improved, rows = improve(
             Improver.from_pretrained(self.improver), policy, tasks, self.steps, self.episodes, self.seed, self.mode,
             memory=self.memory, exploration=self.exploration, goal_exploration=self.goal_exploration,
+            wide_goal_exploration=self.wide_goal_exploration,
         )
         print(format_table(rows))
         if self.out is not None and self.mode == "parameters":

@@ -118,6 +118,25 @@ def test_goal_exploration_aims_each_episode_elsewhere(toy):
     assert torch.equal(sampling(obs), behaviour(obs))
 
 
+def test_wide_goal_exploration_follows_a_step_where_every_episode_failed(toy):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        locating = Improver(NetworkConfig(4, 2, width=32, task_dim=2), distill_steps=5)
+    tasks, start = toy.tasks("test")[:1], MLPPolicy(4, 2)
+    with pytest.raises(ValueError, match="wide_goal_exploration must be"):
+        improvement_loop(locating, start, tasks, mode="behaviour", wide_goal_exploration=-1.0)
+    with pytest.raises(ValueError, match="goal_exploration needs"):
+        improvement_loop(locating, start, tasks, wide_goal_exploration=0.5)
+
+    def step_one(**goal):
+        return list(improvement_loop(locating, start, tasks, steps=1, episodes=3, seed=2, mode="behaviour", **goal))
+
+    adaptive, wide, narrow = step_one(goal_exploration=0.1, wide_goal_exploration=0.5), step_one(goal_exploration=0.5), step_one(goal_exploration=0.1)
+    assert not adaptive[0].experience.success.any()  # the untrained start fails, so step 1 aims with the wide noise
+    assert torch.equal(adaptive[1].experience.actions, wide[1].experience.actions)
+    assert not torch.equal(adaptive[1].experience.actions, narrow[1].experience.actions)
+
+
 def improver_without_goal() -> Improver:
     return Improver(NetworkConfig(4, 2, width=16), distill_steps=1)
 
