@@ -39,13 +39,15 @@ class Demo:
     """Std of the Gaussian noise on actions while collecting (the improver locates the goal from the spread)."""
     goal_exploration: float = 0.0
     """Behaviour mode: std (goal units, e.g. metres) of a per-episode offset of the goal the head aims at (push-v3: 0.04)."""
+    wide_goal_exploration: float = 0.0
+    """Behaviour mode: the goal exploration of a step after one whose episodes all failed (0: --goal-exploration)."""
 
     def run(self) -> None:
         from .demo import run_demo
 
         run_demo(
             self.pretrained, self.out, self.steps, self.episodes, self.mode, self.seed, self.video, self.memory, self.exploration,
-            self.goal_exploration,
+            self.goal_exploration, self.wide_goal_exploration,
         )
 
 

@@ -56,11 +56,12 @@ def export_lesser(
 
 def run_demo(
     pretrained: Path, out: Path, steps: int, episodes: int, mode: Literal["parameters", "behaviour"], seed: int, video: bool = True,
-    memory: int = 1, exploration: float = 0.3, goal_exploration: float = 0.0,
+    memory: int = 1, exploration: float = 0.3, goal_exploration: float = 0.0, wide_goal_exploration: float = 0.0,
 ) -> dict[str, Any]:
     """Improve every lesser policy of ``pretrained`` for ``steps`` steps of ``episodes`` episodes,
     each step watching the episodes of the last ``memory`` steps, collected with ``exploration``
-    noise and, in behaviour mode, ``goal_exploration`` offsets of the aim (see
+    noise and, in behaviour mode, ``goal_exploration`` offsets of the aim (``wide_goal_exploration``
+    after a step whose episodes all failed; see
     :func:`improver.loop.improvement_loop`).
 
     Prints the per-step table (averaged over the policies) and writes ``out/summary.json``,
@@ -77,7 +78,8 @@ def run_demo(
         policy, record = load_policy(folder)
         task = make_suite(record["suite"], record["suite_seed"]).tasks(record["split"])[record["index"]]
         final, rows = improve(
-            improver, policy, task, steps, episodes, seed, mode, memory=memory, exploration=exploration, goal_exploration=goal_exploration
+            improver, policy, task, steps, episodes, seed, mode, memory=memory, exploration=exploration, goal_exploration=goal_exploration,
+            wide_goal_exploration=wide_goal_exploration,
         )
         runs.append({"policy": folder.name, "task": f"{task.suite} [{task.split}] #{task.index}", "rows": rows, "env": task, "first": policy, "final": final})
     table = pooled([r["rows"] for r in runs])
@@ -98,6 +100,7 @@ def run_demo(
         "memory": memory,
         "exploration": exploration,
         "goal_exploration": goal_exploration,
+        "wide_goal_exploration": wide_goal_exploration,
         "seed": seed,
         "table": table,
         "policies": [{k: r[k] for k in ("policy", "task", "rows")} for r in runs],

@@ -24,7 +24,7 @@ def pretrained(tmp_path_factory):
 
 
 def test_demo_writes_table_plot_and_videos(pretrained, tmp_path, capsys):
-    summary = run_demo(pretrained, tmp_path, steps=2, episodes=3, mode="behaviour", seed=0)
+    summary = run_demo(pretrained, tmp_path, steps=2, episodes=3, mode="behaviour", seed=0, goal_exploration=0.05, wide_goal_exploration=0.1)
     printed = capsys.readouterr().out
     assert "| step | success" in printed and "2 lesser policies on held-out tasks" in printed
     table = summary["table"]
@@ -34,7 +34,8 @@ def test_demo_writes_table_plot_and_videos(pretrained, tmp_path, capsys):
     assert all(0.0 <= row["success"] <= 1.0 for row in table)
     for name in ("success_vs_step.png", "before.mp4", "after.mp4"):
         assert (tmp_path / name).stat().st_size > 1000
-    assert json.loads((tmp_path / "summary.json").read_text())["table"] == table
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["table"] == table and (written["goal_exploration"], written["wide_goal_exploration"]) == (0.05, 0.1)
 
 
 def test_export_keeps_only_lesser_policies(pretrained, tmp_path):
