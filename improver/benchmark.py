@@ -121,6 +121,8 @@ class BenchConfig:
     """Gaussian exploration noise of the episodes the improver, BC and MAML learn from."""
     goal_exploration: float = 0.0
     """improver-behaviour only: std (goal units) of the per-episode offset of its aim (see improver.loop.GoalSampling)."""
+    wide_goal_exploration: float = 0.0
+    """improver-behaviour only: the aim's offset std after a step whose episodes all failed (0: ``goal_exploration``)."""
     maml: MamlSettings | None = None
     maml_update: Path | None = None
     """A MAML update saved by an earlier run (``OUT/maml_update``) to use instead of meta-training one."""
@@ -247,17 +249,20 @@ def _scored(
     return rows
 
 
-def _improver_rows(
-    improver: Improver, start: Start, mode: str, steps: int, episodes: int, seed: int, noise: float, goal_exploration: float
-) -> list[dict[str, Any]]:
+def _improver_rows(improver: Improver, start: Start, mode: str, seed: int, config: BenchConfig) -> list[dict[str, Any]]:
     """The loop's policy after each step, scored like every other contender (without noise).
 
-    The loop collects with exploration ``noise`` (and, in behaviour mode, ``goal_exploration``:
-    what the next step watches); checkpoint ``k`` learned from the episodes of steps ``0..k-1``.
+    The loop collects with exploration ``config.noise`` (and, in behaviour mode, the goal
+    exploration of ``config``: what the next step watches); checkpoint ``k`` learned from the
+    episodes of steps ``0..k-1``.
     """
     checkpoints, learned = [], 0
-    aim = goal_exploration if mode == "behaviour" else 0.0
-    for state in improvement_loop(improver, start.policy, start.tasks, steps, episodes, seed=seed, mode=mode, exploration=noise, goal_exploration=aim):
+    steps, episodes = config.steps, config.episodes
+    aims = (config.goal_exploration, config.wide_goal_exploration) if mode == "behaviour" else (0.0, 0.0)
+    for state in improvement_loop(
+        improver, start.policy, start.tasks, steps, episodes, seed=seed, mode=mode, exploration=config.noise,
+        goal_exploration=aims[0], wide_goal_exploration=aims[1],
+    ):
         checkpoints.append(Checkpoint(state.policy, learned, state.metrics["wall_s"]))
         learned = state.metrics["env_steps"]
     return _scored(checkpoints, start.tasks, episodes, seed)
@@ -272,7 +277,7 @@ def _run_unit(
     runs: dict[str, list[dict[str, Any]]] = {}
     for name in config.contenders:
         if name.startswith("improver-"):
-            runs[name] = _improver_rows(improver, start, name.split("-", 1)[1], steps, episodes, seed, config.noise, config.goal_exploration)
+            runs[name] = _improver_rows(improver, start, name.split("-", 1)[1], seed, config)
         elif name == "ppo":
             from .baselines.ppo import ppo_steps
 
@@ -469,7 +474,7 @@ def run_benchmark(config: BenchConfig, out: Path, progress: bool = True) -> dict
         if dims != (suite.observation_dim, suite.action_dim):
             raise ValueError(f"the improver at {config.improver} is for {dims[0]} observations and {dims[1]} actions; {suite.name} has {suite.observation_dim} and {suite.action_dim}")
     notes = [
-        f"Improver: improver.loop.improvement_loop collecting with exploration noise {config.noise} (behaviour mode: goal exploration {config.goal_exploration}); its policies are scored without noise like every contender's, and its wall time includes collecting its episodes.",
+        f"Improver: improver.loop.improvement_loop collecting with exploration noise {config.noise} (behaviour mode: goal exploration {config.goal_exploration}, {config.wide_goal_exploration or config.goal_exploration} after a step whose episodes all failed); its policies are scored without noise like every contender's, and its wall time includes collecting its episodes.",
         (
             "PPO: stable-baselines3 PPO from the starting policy's weights (improver.integrations.sb3.ppo_from_policy), "
             "tanh on the Gaussian mean, one update per episode; its longer run is one run scored at multiples of the improver's budget."

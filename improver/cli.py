@@ -357,6 +357,8 @@ class BenchImprove:
     """Which contenders to run."""
     goal_exploration: float = 0.0
     """improver-behaviour: std (goal units) of a per-episode offset of the goal its head aims at (push-v3: 0.04)."""
+    wide_goal_exploration: float = 0.0
+    """improver-behaviour: the goal exploration after a step whose episodes all failed (0: --goal-exploration)."""
     threads: int | None = None
     """torch threads (default: torch's own choice); 1 on a shared machine."""
 
@@ -371,6 +373,7 @@ class BenchImprove:
             suite=self.suite, improver=self.improver, policies=self.policies, data=self.data, preset=self.preset, steps=self.steps,
             episodes=self.episodes, seeds=self.seeds, ppo_multipliers=self.ppo_multipliers, max_policies=self.max_policies,
             contenders=tuple(self.contenders), maml_update=self.maml_update, goal_exploration=self.goal_exploration,
+            wide_goal_exploration=self.wide_goal_exploration,
         )
         results = run_benchmark(config, self.out)
         print("\n".join(summary_lines(results)))

@@ -115,3 +115,25 @@ def test_tiny_preset_end_to_end(toy_bench, toy_dataset, tmp_path):
         assert runs["bc"][2]["mean_return"] != runs["bc"][0]["mean_return"]
     assert len(results["comparison"]) == 2 * 3 * 2  # 2 improver modes x 3 contenders x 2 steps
     assert "## ppo" in (out / "results.md").read_text()
+
+
+def test_wide_goal_exploration_reaches_the_improver_loop(tmp_path):
+    """The bench's behaviour loop aims with the wide noise after a step whose episodes all failed."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        Improver(NetworkConfig(4, 2, width=32, token_stride=1, task_dim=2), distill_steps=5).save_pretrained(tmp_path / "improver")
+        save_policy(MLPPolicy(4, 2), tmp_path / "lesser" / "00", record={"suite": "toy:reach2d", "suite_seed": 0, "split": "test", "index": 0})
+
+    def behaviour_runs(name, **goal):
+        config = BenchConfig(suite="toy:reach2d", improver=tmp_path / "improver", policies=tmp_path / "lesser", preset="tiny",
+                             steps=2, contenders=("improver-behaviour",), **goal)
+        results = run_benchmark(config, tmp_path / name)
+        return results["config"], results["per_unit"][0]["runs"]["improver-behaviour"]
+
+    config, adaptive = behaviour_runs("adaptive", goal_exploration=0.1, wide_goal_exploration=0.5)
+    _, wide = behaviour_runs("wide", goal_exploration=0.5)
+    _, narrow = behaviour_runs("narrow", goal_exploration=0.1)
+    assert (config["goal_exploration"], config["wide_goal_exploration"]) == (0.1, 0.5)
+    assert adaptive[0]["success"] == 0  # the untrained start fails: step 2's policy watched episodes aimed with the wide noise
+    key = [(r["success"], r["mean_return"]) for r in adaptive]
+    assert key == [(r["success"], r["mean_return"]) for r in wide] and key != [(r["success"], r["mean_return"]) for r in narrow]
