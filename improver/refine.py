@@ -120,7 +120,8 @@ def refine_locator(
     with torch.no_grad():
         collect_loop_episodes(improver, dataset, config, out / "episodes", accelerator.process_index, accelerator.num_processes, progress)
     accelerator.wait_for_everyone()
-    experiences = [e.to(accelerator.device) for path in sorted((out / "episodes").glob("task-*.h5")) for e in _read_steps(path)]
+    with torch.no_grad():  # the rewards a step reads: a reward-free improver's come from its ranking reward model
+        experiences = [improver.scored(e.to(accelerator.device)) for path in sorted((out / "episodes").glob("task-*.h5")) for e in _read_steps(path)]
     before = _mean_error(improver, experiences)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(net.locator.parameters(), lr=config.lr)

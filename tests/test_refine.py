@@ -83,3 +83,24 @@ def test_success_steps_pull_the_locators_points_onto_the_goal(toy, locating):
     expected = ((points - normalized_goal(net, succeeding)) ** 2).sum(dim=-1).mean()
     torch.testing.assert_close(refine_error(net, succeeding, 2.0), locate_error(net, succeeding) + 2.0 * expected)
     torch.testing.assert_close(refine_error(net, failing, 2.0), locate_error(net, failing))
+
+
+def test_a_reward_free_improver_is_refined_on_its_ranking_rewards(toy_dataset, locating, tmp_path):
+    from improver.augment.ranking_reward import RewardModelConfig, train_reward_model
+
+    data = ImprovementDataset(toy_dataset)
+    lesser = data.example(0).lesser
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = train_reward_model(lesser, torch.arange(lesser.num_episodes, dtype=torch.float32),
+                                   RewardModelConfig(steps=5, pairs=20, snippet=(5, 10)), progress=False).requires_grad_(False)
+    blind = copy_of(locating)
+    blind.reward_free, blind.reward_model = True, model
+    _, env_scores = refine_locator(copy_of(locating), data, CONFIG, tmp_path, progress=False)
+    _, blind_scores = refine_locator(blind, data, CONFIG, tmp_path, progress=False)
+    # Same episodes on disk, different rewards read: the locator is judged (and fitted) on the model's.
+    assert blind_scores["experiences"] == env_scores["experiences"]
+    assert blind_scores["error_before"] != pytest.approx(env_scores["error_before"])
+    blind.reward_model = None
+    with pytest.raises(ValueError, match="reward-free"):
+        refine_locator(blind, data, CONFIG, tmp_path / "again", progress=False)
