@@ -134,8 +134,31 @@ class SmoothPushPolicy:
         return np.clip(np.append(10.0 * (target - hand), grip), -1.0, 1.0)
 
 
+class SmoothPickPlacePolicy:
+    """Meta-World's pick-place policy with its switches replaced by ramps.
+
+    The scripted policy hovers 10 cm above the object until the hand is within 2 cm of it in xy,
+    drops, closes the gripper once the hand is within 7 cm, waits until the fingers are closer
+    than 0.73 apart, then carries the object to the goal. A learned imitation of it hovered
+    8.3-8.6 cm from the object with the gripper open (measured: the improver's head, fed the true
+    goal, 0/10 held-out goals). Here the height, the grip and the pull toward the goal change
+    continuously with the hand's offset from the object and with the fingers' opening
+    (``obs[3]``: 1.0 open, about 0.45 closed on the object).
+    """
+
+    def get_action(self, obs: np.ndarray) -> np.ndarray:
+        """One ``[4]`` action (3-d hand motion, grip effort) for one observation with the goal in it."""
+        hand, fingers, puck, goal = obs[:3], float(obs[3]), obs[4:7] + np.array([-0.005, 0.0, 0.0]), obs[GOAL_SLICE]
+        over = 1.0 - _ramp(float(np.linalg.norm(hand[:2] - puck[:2])), 0.02, 0.05)  # 1 when the hand is over the object
+        approach = puck + np.array([0.0, 0.0, 0.03 + 0.12 * (1.0 - over)])
+        grip = over * (1.0 - _ramp(float(hand[2] - puck[2]), 0.06, 0.09))  # over the object and low: close
+        held = 1.0 - _ramp(fingers, 0.5, 0.7)  # fingers closed on it: carry it to the goal
+        target = (1.0 - held) * approach + held * goal
+        return np.clip(np.append(10.0 * (target - hand), grip), -1.0, 1.0)
+
+
 # Families whose scripted policy is replaced by a smoother one that reaches the same goal.
-SMOOTH_POLICIES = {"push-v3": SmoothPushPolicy}
+SMOOTH_POLICIES = {"push-v3": SmoothPushPolicy, "pick-place-v3": SmoothPickPlacePolicy}
 
 
 class MetaWorldExpert:

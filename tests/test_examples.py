@@ -1,5 +1,6 @@
 """Every example in examples/ runs, with tiny settings (in this process where it can, to share imports)."""
 
+import json
 import os
 import runpy
 import subprocess
@@ -62,16 +63,33 @@ def test_sb3_dropin(monkeypatch, toy_improver, tmp_path, capsys):
     example = load_example("sb3_dropin.py", monkeypatch)
     args = example["Args"](
         suite="toy:reach2d", improver=toy_improver, timesteps=160, n_steps=40, every=2, episodes=2, eval_episodes=2, compare=True,
-        out=tmp_path,
+        checks=(80,), out=tmp_path,
     )
     result = example["main"](args)
     improved = result["ppo+improver"]
-    assert len(improved["improver_steps"]) == 1  # 4 rollouts, every 2: one step, before the third
-    assert improved["env_steps"] == 160 + 2 * 40 and result["ppo"]["env_steps"] == improved["env_steps"]
-    assert (tmp_path / "model.zip").is_file()
-    assert "ppo+improver: success" in capsys.readouterr().out
+    assert len(improved["improvement"]) == 1  # 4 rollouts, every 2: one step, before the third
+    assert [p["ppo_timesteps"] for p in improved["curve"]] == [0, 80, 160]
+    assert [p["env_steps"] for p in improved["curve"]] == [0, 80, 160 + 2 * 40]  # the improver's episodes are counted
+    assert [p["env_steps"] for p in result["ppo"]["curve"]] == [0, 80, 240]  # plain PPO: the same budget
+    assert (tmp_path / "model.zip").is_file() and json.loads((tmp_path / "curves.json").read_text()) == result
+    assert "ppo+improver: " in capsys.readouterr().out
     watching = example["main"](replace(args, watch_rollouts=True, compare=False))["ppo+improver"]
-    assert len(watching["improver_steps"]) == 1 and watching["env_steps"] == 160  # no episodes of its own
+    assert len(watching["improvement"]) == 1 and watching["curve"][-1]["env_steps"] == 160  # no episodes of its own
+
+
+def test_sb3_dropin_distils_the_improved_behaviour_then_ppo_learns_on(monkeypatch, toy_improver, tmp_path):
+    from improver.policies import MLPPolicy, save_policy
+
+    example = load_example("sb3_dropin.py", monkeypatch)
+    record = {"suite": "toy:reach2d", "suite_seed": 0, "split": "test", "index": 3}
+    save_policy(MLPPolicy(4, 2), tmp_path / "start", record=record)
+    args = example["Args"](
+        start=tmp_path / "start", improver=toy_improver, behaviour=True, steps=1, dagger_rounds=1, timesteps=80, n_steps=40,
+        episodes=2, eval_episodes=2, out=tmp_path / "out",
+    )
+    result = example["main"](args)["ppo+improver"]
+    assert [r.get("step", r.get("round")) for r in result["improvement"]] == [0, 1, 1]  # loop steps 0-1, then one DAgger round
+    assert [p["env_steps"] for p in result["curve"]] == [0, 240, 320] and result["curve"][-1]["ppo_timesteps"] == 80
 
 
 @pytest.mark.slow  # Meta-World data generation and 500-step episodes: about a minute on 2 busy cores
@@ -96,7 +114,6 @@ def test_own_env_meta_trains_and_improves_a_user_suite(monkeypatch, tmp_path, ca
     )  # fmt: skip
     out = capsys.readouterr().out
     assert "held-out policies of reacher" in out and "held-out success" in out
-    import json
 
     manifest = json.loads((tmp_path / "heldout" / "manifest.json").read_text())
     assert manifest["config"]["suite"] == "reacher" and manifest["config"]["split"] == "test"

@@ -289,3 +289,25 @@ def test_improve_sb3_on_tasks_returns_a_model_that_saves_and_loads(improver, toy
     loaded = sb3.PPO.load(tmp_path / "model.zip", device="cpu")
     obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     np.testing.assert_allclose(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0], rtol=1e-6)
+
+
+def test_improve_sb3_on_tasks_in_behaviour_mode_distils_by_dagger(improver, toy):
+    from improver.integrations.sb3 import SB3Actor, improve_sb3_on_tasks, ppo_from_policy
+
+    tasks, start = toy.tasks("test")[:2], MLPPolicy(4, 2)
+    model, untouched = (ppo_from_policy(start, tasks[0], n_steps=64, seed=0) for _ in range(2))
+    with pytest.raises(ValueError, match="mode must be"):
+        improve_sb3_on_tasks(improver, model, tasks, mode="both")
+    with pytest.raises(ValueError, match="steps >= 1"):
+        improve_sb3_on_tasks(improver, model, tasks, steps=0, mode="behaviour")
+    _, rows = improve_sb3_on_tasks(improver, model, tasks, steps=2, episodes=2, mode="behaviour", dagger_rounds=2, exploration=0.3)
+    assert [r.get("step", r.get("round")) for r in rows] == [0, 1, 2, 1, 2]
+    assert [r["env_steps"] for r in rows] == [80, 160, 240, 320, 400]  # the DAgger rounds' episodes are counted
+    # the written-back actor imitates the loop's final behaviour policy on the states it visits itself
+    teacher = list(improvement_loop(improver, SB3Actor(untouched.policy), tasks, 2, 2, mode="behaviour", exploration=0.3))[-1].policy
+    own = rollout(SB3Actor(model.policy), tasks, 1, seed=7, progress=False)
+    states = own.observations[own.mask]
+    with torch.no_grad():
+        error = (SB3Actor(model.policy)(states) - teacher(states)).pow(2).mean()
+        before = (SB3Actor(untouched.policy)(states) - teacher(states)).pow(2).mean()
+    assert error < 0.2 * before

@@ -3,6 +3,7 @@ import pickle
 import numpy as np
 import pytest
 from metaworld.policies.sawyer_push_v3_policy import SawyerPushV3Policy
+from metaworld.policies.sawyer_pick_place_v3_policy import SawyerPickPlaceV3Policy
 import torch
 
 from improver.tasks import RenderConfig, make_suite, rollout
@@ -60,18 +61,20 @@ def test_reach_expert_aims_the_fingertips_not_the_hand():
     assert torch.allclose(hand_above_goal, torch.tensor([0.0, 0.0, 0.045]).expand(2, 3), atol=0.01), hand_above_goal
 
 
-def test_push_expert_is_smooth_and_succeeds(push):
-    traj = rollout(push.expert, push.tasks("test")[:3], 1, max_steps=120, progress=False)
+@pytest.mark.parametrize("family, scripted_class", [("push-v3", SawyerPushV3Policy), ("pick-place-v3", SawyerPickPlaceV3Policy)])
+def test_smooth_experts_are_smooth_and_succeed(family, scripted_class):
+    suite = make_suite(f"ML1:{family}", seed=0)
+    traj = rollout(suite.expert, suite.tasks("test")[:3], 1, max_steps=120, progress=False)
     assert traj.success.all()
     # Its action moves little when the state moves little: no switch between phases.
-    expert = push.expert.for_task(traj.tasks[0])
+    expert = suite.expert.for_task(traj.tasks[0])
     states = traj.observations[0, :100]
     for axis in (0, 1, 2):  # the hand, 1 mm at a time
         nudged = states.clone()
         nudged[:, axis] += 1e-3
         assert (expert(nudged) - expert(states)).abs().max() < 0.2
-    scripted = push.expert.for_task(traj.tasks[0])
-    scripted.policy = SawyerPushV3Policy()
+    scripted = suite.expert.for_task(traj.tasks[0])
+    scripted.policy = scripted_class()
     jumps = [(scripted(states + torch.eye(39)[a] * 1e-3) - scripted(states)).abs().max() for a in (0, 1, 2)]
     assert max(jumps) > 0.5  # the scripted policy it replaces does jump
 
@@ -113,7 +116,7 @@ def test_gl_backend_choice_respects_the_user(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["push-v3", "reach-v3"])
+@pytest.mark.parametrize("family", ["push-v3", "reach-v3", "pick-place-v3"])
 def test_expert_success_on_held_out_ml1(family):
     from improver.tasks.evaluation import evaluate
 

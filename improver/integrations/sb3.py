@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from improver.augment.noise import Gaussian, NoisyPolicy
-from improver.loop import Callback, as_tasks, improvement_loop
+from improver.dagger import dagger
+from improver.loop import Callback, Mode, as_tasks, improvement_loop
 from improver.operator import Improver
 from improver.tasks import Task, rollout
 from improver.tasks.evaluation import spread
@@ -56,29 +57,57 @@ def improve_sb3_on_tasks(
     episodes: int = 10,
     *,
     seed: int = 0,
+    mode: Mode = "parameters",
+    dagger_rounds: int = 3,
     callbacks: Sequence[Callback] = (),
     progress: bool = False,
+    **options: Any,
 ) -> tuple[Any, list[dict[str, Any]]]:
-    """Improve a trained SB3 model on ``tasks`` with :func:`improver.loop.improvement_loop` (parameters mode).
+    """Improve a trained SB3 model on ``tasks`` with :func:`improver.loop.improvement_loop`.
 
-    Each step collects ``episodes`` episodes with the model's deterministic actor and steps it;
-    the final parameters are written back into ``model``.
+    Each step collects ``episodes`` episodes and steps the policy; the final parameters are
+    written back into ``model``.
+
+    - ``mode="parameters"``: the loop steps the model's deterministic actor itself.
+    - ``mode="behaviour"``: the loop improves the behaviour (``options`` such as ``exploration``
+      and ``goal_exploration`` go to it), and then :func:`improver.dagger.dagger` distils the final
+      behaviour policy into the model's actor in ``dagger_rounds`` rounds of ``episodes`` episodes,
+      starting from the states of steps 1 and on. Its rows (with ``round``) follow the loop's.
 
     Args:
         improver: A trained improver for the tasks' observation and action sizes.
         model: An SB3 on-policy model (PPO, A2C) with an ``ActorCriticPolicy``.
         tasks: A task, tasks, or a Gymnasium env factory (as in ``improvement_loop``).
         steps, episodes, seed, callbacks, progress: As in ``improvement_loop``.
+        mode: ``"parameters"`` or ``"behaviour"`` (then distilled by DAgger).
+        dagger_rounds: DAgger rounds in behaviour mode.
+        **options: More keyword arguments of ``improvement_loop``.
 
     Returns:
-        ``model`` (which keeps predicting, learning and saving as usual) and one metrics row per step.
+        ``model`` (which keeps predicting, learning and saving as usual) and one metrics row per
+        step (and per DAgger round); ``env_steps`` counts every episode collected.
     """
-    rows = []
+    if mode not in ("parameters", "behaviour"):
+        raise ValueError(f"mode must be 'parameters' or 'behaviour'; got {mode!r}")
+    actor = SB3Actor(model.policy)
+    rows, visited = [], []
     for state in improvement_loop(
-        improver, SB3Actor(model.policy), tasks, steps, episodes, seed=seed, callbacks=callbacks, progress=progress
+        improver, actor, tasks, steps, episodes, seed=seed, mode=mode, callbacks=callbacks, progress=progress, **options
     ):
         rows.append(state.metrics)
-    model.policy.load_state_dict(state.policy.policy.state_dict())
+        if state.step:
+            visited.append(state.experience.observations[state.experience.mask])
+    if mode == "behaviour":
+        if not visited:
+            raise ValueError("behaviour mode needs at least one improvement step to distil (steps >= 1)")
+        student, rounds = dagger(
+            state.policy, actor, tasks, dagger_rounds, episodes, states=torch.cat(visited), seed=seed + steps + 1, progress=progress
+        )
+        used = rows[-1]["env_steps"]
+        rows += [{**row, "env_steps": used + row["env_steps"]} for row in rounds]
+    else:
+        student = state.policy
+    model.policy.load_state_dict(student.policy.state_dict())
     return model, rows
 
 
