@@ -14,6 +14,8 @@ Protocol (Meta-World's conventions; see ``BenchConfig`` for the knobs):
 - Units are (starting policy, seed) pairs; tables give their mean with a 95% t-interval.
   The fraction of the gap closed is ``(R_k - R_0) / (R_expert - R_0)`` per unit, with ``R_expert``
   the suite's scripted expert on the same episodes.
+- ``results.json`` is rewritten after every unit; running again into the same folder with the same
+  settings resumes after the finished units (asking for more seeds adds seeds).
 """
 
 from __future__ import annotations
@@ -454,11 +456,12 @@ def _markdown(results: dict[str, Any]) -> str:
 def run_benchmark(config: BenchConfig, out: Path, progress: bool = True) -> dict[str, Any]:
     """Run the benchmark and write ``out/results.json``, ``out/results.md`` and two plots.
 
-    Returns the results dict written to ``results.json``.
+    Returns the results dict written to ``results.json``. Units already in ``out/results.json``
+    from a run with the same settings (the number of seeds aside) are kept, not rerun.
 
     Raises:
         ValueError: unknown suite, preset or contender; policies that do not fit the suite or
-            the improver.
+            the improver; ``out`` holds results of other settings.
         FileNotFoundError: missing improver checkpoint, policy folder or dataset.
     """
     config = config.resolved()
@@ -467,6 +470,10 @@ def run_benchmark(config: BenchConfig, out: Path, progress: bool = True) -> dict
     if "test" not in suite.splits:
         raise ValueError(f"suite {suite.name!r} has no held-out (test) split to benchmark on")
     starts = load_starts(Path(config.policies), suite, config.max_policies)
+    seeds = [1000 * i for i in range(config.seeds)]  # apart, so that no two seeds share a step's episode seeds
+    units, earlier_wall = _finished_units(out, config)
+    units = [u for u in units if u["seed"] in seeds]
+    started -= earlier_wall
     improver = None
     if any(n.startswith("improver-") for n in config.contenders):
         improver = Improver.from_pretrained(config.improver)
@@ -482,15 +489,17 @@ def run_benchmark(config: BenchConfig, out: Path, progress: bool = True) -> dict
         f"BC: filtered behaviour cloning on the best 30% of the policy's own exploring episodes (Gaussian noise {config.noise}).",
     ]
     maml_update, maml_report = None, None
+    # A resumed run keeps the MAML update its finished units were scored with.
+    saved_update = config.maml_update or (out / "maml_update" if units and (out / "maml_update").is_dir() else None)
     if "maml" in config.contenders:
-        if config.maml_update is not None:
+        if saved_update is not None:
             from .baselines.maml import MetaSGD
 
-            maml_update = MetaSGD.from_pretrained(config.maml_update)
+            maml_update = MetaSGD.from_pretrained(saved_update)
             for s in starts:
                 maml_update.check(s.policy)
-            maml_report = {**json.loads((Path(config.maml_update) / "config.json").read_text())["metadata"], "loaded_from": str(config.maml_update)}
-            notes.append(f"MAML: the update meta-trained by an earlier run was loaded from {config.maml_update} (its report is under 'maml').")
+            maml_report = {**json.loads((Path(saved_update) / "config.json").read_text())["metadata"], "loaded_from": str(saved_update)}
+            notes.append(f"MAML: the update meta-trained by an earlier run was loaded from {saved_update} (its report is under 'maml').")
         elif config.data is None:
             notes.append("MAML: skipped, no --data train dataset given.")
         else:
@@ -518,13 +527,16 @@ def run_benchmark(config: BenchConfig, out: Path, progress: bool = True) -> dict
             )
     horizon = starts[0].tasks[0].max_steps
     budget = config.episodes * horizon
-    seeds = [1000 * i for i in range(config.seeds)]  # apart, so that no two seeds share a step's episode seeds
-    units, experts = [], {}
     out.mkdir(parents=True, exist_ok=True)
+    done = {(u["policy"], u["seed"]) for u in units}
+    experts = {(tuple(u["tasks"]), u["seed"]): u["expert_return"] for u in units}
+    results = None
     context = {"config": config, "suite": suite, "starts": starts, "seeds": seeds, "budget": budget, "notes": notes, "maml": maml_report}
-    with tqdm(total=len(seeds) * len(starts), desc="bench improve", unit="unit", disable=not progress) as bar:
+    with tqdm(total=len(seeds) * len(starts), initial=len(units), desc="bench improve", unit="unit", disable=not progress) as bar:
         for seed in seeds:
             for start in starts:
+                if (start.name, seed) in done:
+                    continue
                 key = (tuple(t.index for t in start.tasks), seed)
                 if key not in experts:
                     experts[key] = _evaluate(suite.expert, start.tasks, config.episodes, seed)[1]
@@ -533,7 +545,34 @@ def run_benchmark(config: BenchConfig, out: Path, progress: bool = True) -> dict
                 bar.update()
                 # Written after every unit, so that a long run cut short still leaves its results so far.
                 results = _write_results(out, units, context, time.perf_counter() - started, complete=len(units) == len(seeds) * len(starts))
+    if results is None:  # every unit was finished by the earlier run
+        results = _write_results(out, units, context, time.perf_counter() - started, complete=True)
     return results
+
+
+def _config_record(config: BenchConfig) -> dict[str, Any]:
+    """``config`` as ``results.json`` stores it (JSON types: paths as strings, tuples as lists)."""
+    record = {**asdict(config), "improver": str(config.improver), "policies": str(config.policies), "data": str(config.data) if config.data else None, "maml_update": str(config.maml_update) if config.maml_update else None}
+    return json.loads(json.dumps(record, default=str))
+
+
+def _finished_units(out: Path, config: BenchConfig) -> tuple[list[dict[str, Any]], float]:
+    """Units (and wall time) of an earlier run into ``out`` with the same configuration, to resume from.
+
+    Only the number of seeds may differ (seeds are ``0, 1000, ...``, so asking for more adds units).
+
+    Raises:
+        ValueError: ``out/results.json`` was written with another configuration.
+    """
+    path = out / "results.json"
+    if not path.is_file():
+        return [], 0.0
+    previous = json.loads(path.read_text())
+    old, new = ({k: v for k, v in c.items() if k != "seeds"} for c in (previous["config"], _config_record(config)))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        raise ValueError(f"{path} holds a run with other settings ({', '.join(changed)}); resume with the same ones, or choose another --out")
+    return previous["per_unit"], previous["wall_time_s"]
 
 
 def _write_results(out: Path, units: list[dict[str, Any]], context: dict[str, Any], wall: float, complete: bool) -> dict[str, Any]:
@@ -541,7 +580,7 @@ def _write_results(out: Path, units: list[dict[str, Any]], context: dict[str, An
     table = aggregate(units, config.contenders)
     results = {
         "complete": complete,
-        "config": {**asdict(config), "improver": str(config.improver), "policies": str(config.policies), "data": str(config.data) if config.data else None, "maml_update": str(config.maml_update) if config.maml_update else None},
+        "config": _config_record(config),
         "budget_per_step": context["budget"],
         "units": len(units),
         "seeds": seeds,

@@ -117,6 +117,25 @@ def test_tiny_preset_end_to_end(toy_bench, toy_dataset, tmp_path):
     assert "## ppo" in (out / "results.md").read_text()
 
 
+def test_a_run_resumes_and_adds_seeds(toy_bench, tmp_path, monkeypatch):
+    import improver.benchmark as bench
+
+    ran = []
+    run_unit = bench._run_unit
+    monkeypatch.setattr(bench, "_run_unit", lambda config, improver, maml, start, seed, budget: ran.append((start.name, seed)) or run_unit(config, improver, maml, start, seed, budget))
+    config = dict(suite="toy:reach2d", improver=toy_bench / "improver", policies=toy_bench / "lesser", preset="tiny", contenders=("improver-behaviour", "bc"))
+    first = run_benchmark(BenchConfig(**config, seeds=1), tmp_path)
+    assert ran == [("00", 0), ("01", 0)] and first["complete"]
+    again = run_benchmark(BenchConfig(**config, seeds=1), tmp_path)
+    assert ran == [("00", 0), ("01", 0)] and again["per_unit"] == first["per_unit"]  # nothing rerun
+    more = run_benchmark(BenchConfig(**config, seeds=2), tmp_path)
+    assert ran[2:] == [("00", 1000), ("01", 1000)]
+    assert more["per_unit"][:2] == first["per_unit"] and more["seeds"] == [0, 1000] and more["units"] == 4
+    assert more["wall_time_s"] > first["wall_time_s"]
+    with pytest.raises(ValueError, match="other settings \\(steps\\)"):
+        run_benchmark(BenchConfig(**config, seeds=2, steps=3), tmp_path)
+
+
 def test_wide_goal_exploration_reaches_the_improver_loop(tmp_path):
     """The bench's behaviour loop aims with the wide noise after a step whose episodes all failed."""
     with torch.random.fork_rng():

@@ -56,14 +56,13 @@ def test_demo_without_policies_says_what_is_missing(tmp_path):
         run_demo(tmp_path, tmp_path / "out", steps=1, episodes=1, mode="behaviour", seed=0)
 
 
-def test_shipped_improver_and_its_lesser_policies_load():
+@pytest.mark.parametrize("family, policies", [("reach-v3", 9), ("push-v3", 10), ("pick-place-v3", 10)])
+def test_shipped_improver_and_its_lesser_policies_load(family, policies):
     from pathlib import Path
 
-    from improver.policies import load_policy
-
-    root = Path(__file__).resolve().parent.parent / "pretrained" / "reach-v3"
+    root = Path(__file__).resolve().parent.parent / "pretrained" / family
     improver = Improver.from_pretrained(root / "improver")
     assert (improver.config.obs_dim, improver.config.act_dim, improver.config.task_dim) == (39, 4, 3)
     records = [load_policy(folder)[1] for folder in sorted((root / "lesser").iterdir())]
-    assert len(records) == 9
-    assert all(r["suite"] == "ML1:reach-v3" and r["split"] == "test" and r["zoo"]["success"] <= 0.3 for r in records)
+    assert len(records) == policies
+    assert all(r["suite"] == f"ML1:{family}" and r["split"] == "test" and r["zoo"]["success"] <= 0.3 for r in records)
