@@ -15,7 +15,7 @@ Protocol (Meta-World's conventions; see ``BenchConfig`` for the knobs):
   The fraction of the gap closed is ``(R_k - R_0) / (R_expert - R_0)`` per unit, with ``R_expert``
   the suite's scripted expert on the same episodes.
 - ``results.json`` is rewritten after every unit; running again into the same folder with the same
-  settings resumes after the finished units (asking for more seeds adds seeds).
+  settings resumes after the finished units (asking for more seeds or policies adds units).
 """
 
 from __future__ import annotations
@@ -457,7 +457,7 @@ def run_benchmark(config: BenchConfig, out: Path, progress: bool = True) -> dict
     """Run the benchmark and write ``out/results.json``, ``out/results.md`` and two plots.
 
     Returns the results dict written to ``results.json``. Units already in ``out/results.json``
-    from a run with the same settings (the number of seeds aside) are kept, not rerun.
+    from a run with the same settings (the numbers of seeds and policies aside) are kept, not rerun.
 
     Raises:
         ValueError: unknown suite, preset or contender; policies that do not fit the suite or
@@ -471,8 +471,7 @@ def run_benchmark(config: BenchConfig, out: Path, progress: bool = True) -> dict
         raise ValueError(f"suite {suite.name!r} has no held-out (test) split to benchmark on")
     starts = load_starts(Path(config.policies), suite, config.max_policies)
     seeds = [1000 * i for i in range(config.seeds)]  # apart, so that no two seeds share a step's episode seeds
-    units, earlier_wall = _finished_units(out, config)
-    units = [u for u in units if u["seed"] in seeds]
+    units, earlier_wall = _finished_units(out, config, {(s.name, seed) for s in starts for seed in seeds})
     started -= earlier_wall
     improver = None
     if any(n.startswith("improver-") for n in config.contenders):
@@ -556,22 +555,27 @@ def _config_record(config: BenchConfig) -> dict[str, Any]:
     return json.loads(json.dumps(record, default=str))
 
 
-def _finished_units(out: Path, config: BenchConfig) -> tuple[list[dict[str, Any]], float]:
+def _finished_units(out: Path, config: BenchConfig, wanted: set[tuple[str, int]]) -> tuple[list[dict[str, Any]], float]:
     """Units (and wall time) of an earlier run into ``out`` with the same configuration, to resume from.
 
-    Only the number of seeds may differ (seeds are ``0, 1000, ...``, so asking for more adds units).
+    Only the numbers of seeds and of policies may differ (seeds are ``0, 1000, ...`` and policies
+    the first ``max_policies``, so asking for more adds units).
 
     Raises:
-        ValueError: ``out/results.json`` was written with another configuration.
+        ValueError: ``out/results.json`` was written with another configuration, or holds units
+            (policy, seed) outside ``wanted``: a smaller run would rewrite it without them.
     """
     path = out / "results.json"
     if not path.is_file():
         return [], 0.0
     previous = json.loads(path.read_text())
-    old, new = ({k: v for k, v in c.items() if k != "seeds"} for c in (previous["config"], _config_record(config)))
+    old, new = ({k: v for k, v in c.items() if k not in ("seeds", "max_policies")} for c in (previous["config"], _config_record(config)))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         raise ValueError(f"{path} holds a run with other settings ({', '.join(changed)}); resume with the same ones, or choose another --out")
+    extra = sorted({(u["policy"], u["seed"]) for u in previous["per_unit"]} - wanted)
+    if extra:
+        raise ValueError(f"{path} holds units (policy, seed) this run does not ask for, {extra}; ask for at least as many --seeds and --max-policies, or choose another --out")
     return previous["per_unit"], previous["wall_time_s"]
 
 

@@ -337,7 +337,7 @@ class BenchImprove:
     maml_update: Path | None = None
     """Use the MAML update an earlier run saved (OUT/maml_update) instead of meta-training one on --data."""
     out: Path = Path("bench/improve")
-    """Output folder. If it holds results of the same settings, the run resumes (with more --seeds: adds seeds)."""
+    """Output folder. If it holds results of the same settings, the run resumes (more --seeds or --max-policies add units)."""
     preset: Literal["tiny", "small", "full"] = "small"
     """Size: tiny (the CI test), small, full; the options below override it."""
     steps: int | None = None

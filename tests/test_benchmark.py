@@ -117,17 +117,21 @@ def test_tiny_preset_end_to_end(toy_bench, toy_dataset, tmp_path):
     assert "## ppo" in (out / "results.md").read_text()
 
 
-def test_a_run_resumes_and_adds_seeds(toy_bench, tmp_path, monkeypatch):
+def test_a_run_resumes_and_adds_policies_and_seeds(toy_bench, tmp_path, monkeypatch):
     import improver.benchmark as bench
 
     ran = []
     run_unit = bench._run_unit
     monkeypatch.setattr(bench, "_run_unit", lambda config, improver, maml, start, seed, budget: ran.append((start.name, seed)) or run_unit(config, improver, maml, start, seed, budget))
     config = dict(suite="toy:reach2d", improver=toy_bench / "improver", policies=toy_bench / "lesser", preset="tiny", contenders=("improver-behaviour", "bc"))
-    first = run_benchmark(BenchConfig(**config, seeds=1), tmp_path)
-    assert ran == [("00", 0), ("01", 0)] and first["complete"]
+    one = run_benchmark(BenchConfig(**config, seeds=1, max_policies=1), tmp_path)
+    assert ran == [("00", 0)] and one["complete"] and one["policies"] == ["00"]
+    first = run_benchmark(BenchConfig(**config, seeds=1), tmp_path)  # both policies: only the second one runs
+    assert ran == [("00", 0), ("01", 0)] and first["complete"] and first["per_unit"][0] == one["per_unit"][0]
     again = run_benchmark(BenchConfig(**config, seeds=1), tmp_path)
     assert ran == [("00", 0), ("01", 0)] and again["per_unit"] == first["per_unit"]  # nothing rerun
+    with pytest.raises(ValueError, match="does not ask for"):  # a smaller run would drop finished units from disk
+        run_benchmark(BenchConfig(**config, seeds=1, max_policies=1), tmp_path)
     more = run_benchmark(BenchConfig(**config, seeds=2), tmp_path)
     assert ran[2:] == [("00", 1000), ("01", 1000)]
     assert more["per_unit"][:2] == first["per_unit"] and more["seeds"] == [0, 1000] and more["units"] == 4
