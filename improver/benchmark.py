@@ -569,7 +569,9 @@ def _finished_units(out: Path, config: BenchConfig, wanted: set[tuple[str, int]]
     if not path.is_file():
         return [], 0.0
     previous = json.loads(path.read_text())
-    old, new = ({k: v for k, v in c.items() if k not in ("seeds", "max_policies")} for c in (previous["config"], _config_record(config)))
+    # a setting that an older record lacks had its default then
+    recorded = {**_config_record(BenchConfig()), **previous["config"]}
+    old, new = ({k: v for k, v in c.items() if k not in ("seeds", "max_policies")} for c in (recorded, _config_record(config)))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         raise ValueError(f"{path} holds a run with other settings ({', '.join(changed)}); resume with the same ones, or choose another --out")

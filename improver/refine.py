@@ -42,6 +42,9 @@ class RefineConfig:
     """Action noise while collecting (as in the loop the improver will be used in)."""
     goal_exploration: float = 0.04
     """Goal exploration while collecting, in the goal's units."""
+    wide_goal_exploration: float = 0.0
+    """Goal exploration of a step whose previous step's episodes all failed (0: ``goal_exploration``):
+    collect under the rule the improver will be used with, so the locator sees the spread it will see."""
     max_success: float = 0.3
     """Each task's loop starts from its first lesser policy with at most this recorded success."""
     steps: int = 500
@@ -82,6 +85,7 @@ def collect_loop_episodes(
         loop = improvement_loop(
             improver, example.policy, env_task, config.loop_steps, config.episodes, seed=config.seed, mode="behaviour",
             exploration=config.exploration, goal_exploration=config.goal_exploration,
+            wide_goal_exploration=config.wide_goal_exploration,
         )
         with atomic_path(_task_file(folder, task)) as tmp, h5py.File(tmp, "w") as f:
             for state in loop:

@@ -160,3 +160,17 @@ def test_wide_goal_exploration_reaches_the_improver_loop(tmp_path):
     assert adaptive[0]["success"] == 0  # the untrained start fails: step 2's policy watched episodes aimed with the wide noise
     key = [(r["success"], r["mean_return"]) for r in adaptive]
     assert key == [(r["success"], r["mean_return"]) for r in wide] and key != [(r["success"], r["mean_return"]) for r in narrow]
+
+
+def test_a_record_from_before_a_setting_existed_resumes(toy_bench, tmp_path):
+    """A setting missing from an older results.json had its default then: the run resumes, another value is refused."""
+    config = dict(suite="toy:reach2d", improver=toy_bench / "improver", policies=toy_bench / "lesser", preset="tiny", contenders=("improver-behaviour",))
+    run_benchmark(BenchConfig(**config), tmp_path)
+    path = tmp_path / "results.json"
+    record = json.loads(path.read_text())
+    del record["config"]["wide_goal_exploration"]
+    record["per_unit"][0]["marker"] = "kept from the earlier run"
+    path.write_text(json.dumps(record))
+    assert run_benchmark(BenchConfig(**config), tmp_path)["per_unit"][0]["marker"] == "kept from the earlier run"
+    with pytest.raises(ValueError, match="wide_goal_exploration"):
+        run_benchmark(BenchConfig(**config, wide_goal_exploration=0.5), tmp_path)

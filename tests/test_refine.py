@@ -104,3 +104,20 @@ def test_a_reward_free_improver_is_refined_on_its_ranking_rewards(toy_dataset, l
     blind.reward_model = None
     with pytest.raises(ValueError, match="reward-free"):
         refine_locator(blind, data, CONFIG, tmp_path / "again", progress=False)
+
+
+def test_refinement_collects_under_the_wide_goal_exploration_rule(toy_dataset, locating, tmp_path):
+    from improver.refine import _read_steps, collect_loop_episodes
+
+    data = ImprovementDataset(toy_dataset)
+    narrow = RefineConfig(loop_steps=1, episodes=2, max_success=0.0)
+    wide = RefineConfig(loop_steps=1, episodes=2, max_success=0.0, wide_goal_exploration=0.5)
+    for name, config in [("narrow", narrow), ("wide", wide)]:
+        collect_loop_episodes(copy_of(locating), data, config, tmp_path / name, progress=False)
+    files = sorted(p.name for p in (tmp_path / "narrow").iterdir())
+    assert files
+    for name in files:
+        (start, step1), (start_wide, step1_wide) = _read_steps(tmp_path / "narrow" / name), _read_steps(tmp_path / "wide" / name)
+        assert not start.success.any()  # step 1 follows a failed step: it aims with the wide noise
+        torch.testing.assert_close(start.observations, start_wide.observations)
+        assert not torch.allclose(step1.actions, step1_wide.actions)
