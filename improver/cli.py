@@ -219,8 +219,9 @@ class MetaTrain:
 
 @dataclass
 class RefineLocator:
-    """Train an improver's goal locator on the episodes its own behaviour loop collects on the training tasks
-    (resumes from OUT/episodes). Run it after `improver meta-train`; repeat it on its output for another round."""
+    """Train an improver's goal locator (and, with --head-steps, its behaviour head, DAgger-style) on the episodes
+    its own behaviour loop collects on the training tasks (resumes from OUT/episodes). Run it after
+    `improver meta-train`; repeat it on its output for another round."""
 
     improver: Path
     """A meta-trained improver that infers the goal."""
@@ -238,10 +239,10 @@ class RefineLocator:
         improver = Improver.from_pretrained(self.improver)
         source = {"source": str(self.improver), "source_metadata": json.loads((self.improver / "config.json").read_text())["metadata"]}
         _, scores = refine_locator(improver, ImprovementDataset(self.data), self.config, self.out, metadata=source)
-        print(
-            f"locator error on the {scores['experiences']} collected experiences (training tasks): "
-            f"{scores['error_before']:.4f} -> {scores['error_after']:.4f}; wrote {self.out / 'improver'}"
-        )
+        print(f"locator error on the {scores['experiences']} collected experiences (training tasks): {scores['error_before']:.4f} -> {scores['error_after']:.4f}")
+        if "head_mse_before" in scores:
+            print(f"head error (mean squared, against the expert) on their {scores['head_states']} states after step 0: {scores['head_mse_before']:.4f} -> {scores['head_mse_after']:.4f}")
+        print(f"wrote {self.out / 'improver'}")
 
 
 @dataclass

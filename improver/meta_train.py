@@ -157,12 +157,10 @@ def example_loss(
             task = (task + locate_error(net, locate_also.to(device))) / 2
         if config.goal_forcing is not None:
             noise = config.goal_forcing * torch.randn((2, *truth.shape), generator=generator).to(device)
-            z = torch.cat([z[: net.config.width], (truth + noise).flatten()])
+            z = net.with_task_part(z, truth + noise)
     states = torch.cat([lesser.observations[lesser.mask], better.observations[better.mask]])
     targets = torch.cat([example.target_actions.to(device)[lesser.mask], better.actions[better.mask]])
-    nll = -net.head.log_prob(net.normalize(states), z, targets).mean()
-    # The likelihood alone does not make the most likely component's mean the right action.
-    mode = nn.functional.mse_loss(net.head.act(net.normalize(states), z), targets)
+    nll, mode = net.head.imitation_loss(net.normalize(states), z, targets)
     distill = torch.zeros((), device=device)
     if config.distill_weight > 0:
         lesser_states = lesser.observations[lesser.mask]

@@ -99,6 +99,13 @@ class MixtureHead(nn.Module):
         normal = torch.distributions.Normal(means, log_stds.exp())
         return torch.logsumexp(logits.log_softmax(dim=-1) + normal.log_prob(actions.unsqueeze(-2)).sum(dim=-1), dim=-1)
 
+    def imitation_loss(self, obs: torch.Tensor, z: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean negative log-likelihood of ``actions`` ``[N, act]`` and the squared error of :meth:`act`.
+
+        The likelihood alone does not make the most likely component's mean the right action.
+        """
+        return -self.log_prob(obs, z, actions).mean(), nn.functional.mse_loss(self.act(obs, z), actions)
+
     def act(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The mean of the most likely component, clipped to ``[-1, 1]``: a deterministic improved action."""
         means, _, logits = self(obs, z)
@@ -228,6 +235,10 @@ class ImprovementNet(nn.Module):
     def task_part(self, z: torch.Tensor) -> torch.Tensor:
         """The normalised goal estimate and vote held in ``z``, ``[..., 2, task_dim]``."""
         return z[..., self.config.width :].unflatten(-1, (2, self.config.task_dim))
+
+    def with_task_part(self, z: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """``z`` ``[..., context_dim]`` with its goal estimate and vote replaced by ``part`` ``[..., 2, task_dim]`` (normalised)."""
+        return torch.cat([z[..., : self.config.width], part.flatten(-2)], dim=-1)
 
     def aimed(self, z: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """``z`` with its goal estimate and vote moved by ``offset`` ``[task_dim]`` (in the task's own units)."""

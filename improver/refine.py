@@ -6,6 +6,13 @@ its previous estimate (plus goal exploration), which cluster around that estimat
 DAgger, the cure for that shift is to train on the states the learner visits itself:
 :func:`refine_locator` runs the behaviour loop on the training tasks, keeps every step's
 experience with the task's true goal, and fits only the locator to locate the goal from each.
+
+The behaviour head meets the same shift: meta-training shows it the lesser policies' states and
+the expert's, while the loop's improved policies reach states of their own (pick-place-v3: the
+hand hovering above the object, which the head never learned to leave). With ``head_steps`` the
+head is also fitted, DAgger-style, to the scripted expert's actions on the states of the loop's
+steps 1 and on, under the context the loop computed there with the true goal in place of the
+estimate (as meta-training's goal forcing does).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import torch
@@ -22,12 +29,13 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from improver.augment.dataset import ImprovementDataset, read_trajectory, write_trajectory
+from improver.tasks.rollout import relabel
 from improver.types import Trajectory
 
 from .io import atomic_path
 from .loop import improvement_loop
 from .meta_train import locate_error, normalized_goal
-from .operator import Improver
+from .operator import BehaviourPolicy, Improver
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,14 @@ class RefineConfig:
     so the locator's point of that step should be the goal. Without it the learned projection
     shrank toward the goals' mean (push-v3: a puck 6 cm from the middle got a point 2.8 cm from
     it; held-out goal error from step-3 loop episodes 0.047 m without, 0.031 m with)."""
+    head_steps: int = 0
+    """Optimiser steps of the behaviour head's DAgger fit (0: the locator only)."""
+    head_lr: float = 3e-4
+    """Adam learning rate of the head's fit."""
+    head_batch_size: int = 2048
+    """States per optimiser step of the head's fit."""
+    goal_forcing: float = 0.1
+    """Noise on the true goal (normalised units) that the head's fit puts in the context, as in meta-training."""
     seed: int = 0
     """Seed of the collected episodes and the fit."""
 
@@ -66,8 +82,9 @@ def collect_loop_episodes(
     improver: Improver, dataset: ImprovementDataset, config: RefineConfig, folder: Path, rank: int = 0, world: int = 1, progress: bool = True
 ) -> None:
     """Run the behaviour loop on each of the dataset's tasks (those with ``index % world == rank``) and
-    write each task's experiences, one per step, to ``folder/task-IIII.h5``. Tasks already written are skipped
-    (a killed run resumes)."""
+    write each task's experiences, one per step, to ``folder/task-IIII.h5``, each with the suite's expert
+    actions on its states (``expert_actions``) and, from step 1 on, the loop's context (``context``).
+    Tasks already written are skipped (a killed run resumes)."""
     from .tasks import make_suite
 
     starts: dict[int, int] = {}
@@ -81,7 +98,8 @@ def collect_loop_episodes(
     for task, i in tqdm(mine, desc=f"loop episodes (process {rank})", unit="task", disable=not progress):
         example = dataset.example(i)
         info = example.lesser.tasks[0]
-        env_task = make_suite(info.suite, info.suite_seed).tasks(info.split)[info.index]
+        suite = make_suite(info.suite, info.suite_seed)
+        env_task = suite.tasks(info.split)[info.index]
         loop = improvement_loop(
             improver, example.policy, env_task, config.loop_steps, config.episodes, seed=config.seed, mode="behaviour",
             exploration=config.exploration, goal_exploration=config.goal_exploration,
@@ -89,7 +107,11 @@ def collect_loop_episodes(
         )
         with atomic_path(_task_file(folder, task)) as tmp, h5py.File(tmp, "w") as f:
             for state in loop:
-                write_trajectory(f.create_group(str(state.step)), state.experience)
+                group = f.create_group(str(state.step))
+                write_trajectory(group, state.experience)
+                group["expert_actions"] = relabel(suite.expert, state.experience).numpy()
+                if isinstance(state.policy, BehaviourPolicy):
+                    group["context"] = state.policy.z.cpu().numpy()
 
 
 def refine_locator(
@@ -105,15 +127,18 @@ def refine_locator(
 
     The episodes go to ``out/episodes`` (one file per task: a killed run resumes where it was),
     the refined improver to ``out/improver`` (with ``metadata``, e.g. the source's record). Only the
-    locator's parameters change. Processes started with ``accelerate launch`` split the tasks.
+    locator's parameters change, and with ``config.head_steps`` the behaviour head's (:func:`fit_head`).
+    Processes started with ``accelerate launch`` split the tasks.
 
     Returns:
         The refined improver and the locator's mean goal error (in the goal's units) on the
         collected episodes before and after the fit: ``error_before``, ``error_after``
-        (training episodes: this says the fit worked, not how it does on held-out goals).
+        (training episodes: this says the fit worked, not how it does on held-out goals);
+        with ``head_steps`` also :func:`fit_head`'s scores.
 
     Raises:
-        ValueError: if the improver infers no goal, or no lesser policy qualifies.
+        ValueError: if the improver infers no goal, no lesser policy qualifies, or the head is
+            to be fitted on episodes collected without the expert's actions.
     """
     net = improver.net
     if net.locator is None:
@@ -137,6 +162,8 @@ def refine_locator(
         torch.nn.utils.clip_grad_norm_(net.locator.parameters(), 1.0)
         optimizer.step()
     scores = {"error_before": before, "error_after": _mean_error(improver, experiences), "experiences": len(experiences)}
+    if config.head_steps:
+        scores.update(fit_head(improver, _read_head_data(out / "episodes"), config, generator, progress and accelerator.is_local_main_process))
     if accelerator.is_main_process:
         improver.save_pretrained(out / "improver", metadata={**(metadata or {}), "refine_locator": asdict(config), "dataset": str(dataset.root), **scores})
     accelerator.wait_for_everyone()
@@ -151,6 +178,75 @@ def refine_error(net: nn.Module, experience: Trajectory, point_weight: float) ->
     if len(points):
         error = error + point_weight * ((points - normalized_goal(net, experience)) ** 2).sum(dim=-1).mean()
     return error
+
+
+class HeadData(NamedTuple):
+    """The head's DAgger data: the states of the loop's steps 1 and on, with what the fit reads there."""
+
+    states: torch.Tensor
+    """``[N, obs_dim]`` visited states."""
+    actions: torch.Tensor
+    """``[N, act_dim]`` the expert's actions on them."""
+    contexts: torch.Tensor
+    """``[E, context_dim]`` the context of each experience (one loop step of one task)."""
+    goals: torch.Tensor
+    """``[E, task_dim]`` each experience's true goal, in the goal's units."""
+    experience: torch.Tensor
+    """``[N]`` the experience each state belongs to."""
+
+
+def fit_head(improver: Improver, data: HeadData, config: RefineConfig, generator: torch.Generator, progress: bool = True) -> dict[str, float]:
+    """Fit ``improver``'s behaviour head to the expert's actions on the loop's states (in place).
+
+    Returns the squared error of the head's actions on all the states (true goal, no noise) before
+    and after: ``head_mse_before``, ``head_mse_after`` (training states: the fit worked, no more).
+    """
+    net = improver.net
+    device = improver.log_lrs.device
+    data = HeadData(*(t.to(device) for t in data))
+    goals = (data.goals - net.task_mean) / net.task_std
+
+    def loss(rows: torch.Tensor, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+        which = data.experience[rows]
+        part = goals[which][:, None, :].expand(-1, 2, -1)
+        part = part + noise * torch.randn(part.shape, generator=generator).to(device)
+        z = net.with_task_part(data.contexts[which], part)
+        return net.head.imitation_loss(net.normalize(data.states[rows]), z, data.actions[rows])
+
+    def mse() -> float:
+        with torch.no_grad():
+            return float(sum(loss(rows, 0.0)[1] * len(rows) for rows in torch.arange(len(data.states), device=device).split(65536)) / len(data.states))
+
+    before = mse()
+    optimizer = torch.optim.Adam(net.head.parameters(), lr=config.head_lr)
+    for _ in tqdm(range(config.head_steps), desc="fit head", disable=not progress):
+        nll, mode = loss(torch.randint(len(data.states), (config.head_batch_size,), generator=generator).to(device), config.goal_forcing)
+        optimizer.zero_grad()
+        (nll + mode).backward()
+        torch.nn.utils.clip_grad_norm_(net.head.parameters(), 1.0)
+        optimizer.step()
+    return {"head_mse_before": before, "head_mse_after": mse(), "head_states": len(data.states)}
+
+
+def _read_head_data(folder: Path) -> HeadData:
+    states, actions, contexts, goals, owner = [], [], [], [], []
+    for path in sorted(folder.glob("task-*.h5")):
+        with h5py.File(path, "r") as f:
+            for name in sorted(f, key=int):
+                if "expert_actions" not in f[name]:
+                    raise ValueError(f"{path} was collected without the expert's actions (an older refine-locator run): collect into a new --out to fit the head")
+                if "context" not in f[name]:
+                    continue  # step 0: the user's policy, not the head, acted
+                experience = read_trajectory(f[name])
+                mask = experience.mask
+                states.append(experience.observations[mask])
+                actions.append(torch.from_numpy(f[name]["expert_actions"][()])[mask])
+                contexts.append(torch.from_numpy(f[name]["context"][()]))
+                goals.append(torch.tensor(experience.tasks[0].goal, dtype=torch.float32))
+                owner.append(torch.full((int(mask.sum()),), len(owner)))
+    if not states:
+        raise ValueError(f"{folder} holds no loop step after step 0 to fit the head on (loop_steps must be at least 1)")
+    return HeadData(torch.cat(states).float(), torch.cat(actions).float(), torch.stack(contexts), torch.stack(goals), torch.cat(owner))
 
 
 def _task_file(folder: Path, task: int) -> Path:

@@ -121,3 +121,29 @@ def test_refinement_collects_under_the_wide_goal_exploration_rule(toy_dataset, l
         assert not start.success.any()  # step 1 follows a failed step: it aims with the wide noise
         torch.testing.assert_close(start.observations, start_wide.observations)
         assert not torch.allclose(step1.actions, step1_wide.actions)
+
+
+def test_fitting_the_head_moves_only_the_head_toward_the_experts_actions_on_the_loops_states(toy, toy_dataset, locating, tmp_path):
+    import h5py
+
+    from improver.refine import _read_steps
+    from improver.tasks.rollout import relabel
+
+    data = ImprovementDataset(toy_dataset)
+    config = RefineConfig(loop_steps=1, episodes=2, max_success=1.0, steps=0, head_steps=60, head_lr=3e-3, head_batch_size=64)
+    refined, scores = refine_locator(copy_of(locating), data, config, tmp_path, progress=False)
+    assert scores["head_mse_after"] < scores["head_mse_before"]
+    changed = {name for name, value in refined.net.state_dict().items() if not torch.equal(value, locating[name])}
+    assert changed and all(name.startswith("head.") for name in changed)
+    files = sorted((tmp_path / "episodes").iterdir())
+    with h5py.File(files[0], "r") as f:
+        assert "context" not in f["0"] and f["1"]["context"].shape == (refined.net.context_dim,)
+        experience = _read_steps(files[0])[1]
+        torch.testing.assert_close(torch.from_numpy(f["1"]["expert_actions"][()]), relabel(toy.expert, experience))
+    assert scores["head_states"] == sum(int(_read_steps(p)[1].mask.sum()) for p in files)
+
+    # Episodes collected before the expert's actions were stored cannot train the head.
+    with h5py.File(files[0], "a") as f:
+        del f["1"]["expert_actions"]
+    with pytest.raises(ValueError, match="without the expert's actions"):
+        refine_locator(copy_of(locating), data, config, tmp_path, progress=False)
