@@ -214,6 +214,8 @@ class MetaTrain:
         )
         validation = ImprovementDataset(self.validation) if self.validation else None
         meta_train(improver, dataset, config, self.out, validation=validation)
+        if "aim_offset" in scores:
+            print(f"aim offset {scores['aim_offset']}: mean noise-free return from the last loop contexts {scores['aim_return_before']:.1f} -> {scores['aim_return_after']:.1f}")
         print(f"wrote {self.out / 'improver'}")
 
 
@@ -242,6 +244,8 @@ class RefineLocator:
         print(f"locator error on the {scores['experiences']} collected experiences (training tasks): {scores['error_before']:.4f} -> {scores['error_after']:.4f}")
         if "head_mse_before" in scores:
             print(f"head error (mean squared, against the expert) on their {scores['head_states']} states after step 0: {scores['head_mse_before']:.4f} -> {scores['head_mse_after']:.4f}")
+        if "aim_offset" in scores:
+            print(f"aim offset {scores['aim_offset']}: mean noise-free return from the last loop contexts {scores['aim_return_before']:.1f} -> {scores['aim_return_after']:.1f}")
         print(f"wrote {self.out / 'improver'}")
 
 

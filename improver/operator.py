@@ -91,15 +91,22 @@ class Improver(nn.Module):
         reward_free: Meta-trained on the rewards of its ranking reward model (``reward_model``,
             attach one before use): every step scores the experience with that model, whether or
             not the experience carries the environment's rewards, so the scale it learned holds.
+        aim_offset: ``[task_dim]`` added to every inferred goal (the goal's units), e.g. as
+            :func:`improver.refine.calibrate_aim` chose it on the training tasks; ``None``: zeros.
     """
 
-    def __init__(self, config: NetworkConfig, distill_steps: int = 20, fit_epochs: int = 0, reward_free: bool = False) -> None:
+    def __init__(
+        self, config: NetworkConfig, distill_steps: int = 20, fit_epochs: int = 0, reward_free: bool = False, aim_offset: Sequence[float] | None = None
+    ) -> None:
         super().__init__()
         if fit_epochs < 0:
             raise ValueError(f"fit_epochs must be 0 (meta-learned steps) or more; got {fit_epochs}")
+        if aim_offset is not None and len(aim_offset) != config.task_dim:
+            raise ValueError(f"aim_offset needs one value per goal coordinate ({config.task_dim}); got {len(aim_offset)}")
         self.config = config
         self.fit_epochs = fit_epochs
         self.reward_free = reward_free
+        self.aim_offset = tuple(float(v) for v in aim_offset) if aim_offset is not None else (0.0,) * config.task_dim
         self.net = ImprovementNet(config)
         # Meta-learned: a step size per distillation step and the strength of the trust region.
         self.log_lrs = nn.Parameter(torch.full((distill_steps,), math.log(0.1)))
@@ -143,7 +150,8 @@ class Improver(nn.Module):
         return replace(experience, rewards=self.reward_model.predict(experience.to(device)).to(experience.observations))
 
     def context(self, policy: nn.Module, experience: Trajectory, inputs: PolicyInputs = "observations") -> torch.Tensor:
-        """Context ``z`` ``[context_dim]`` summarising the policy (acting on ``inputs``) and its experience."""
+        """Context ``z`` ``[context_dim]`` summarising the policy (acting on ``inputs``) and its experience
+        (with ``aim_offset`` added to the goal it infers)."""
         device = self.log_lrs.device
         experience = experience.to(device)
         states, policy_inputs = policy_inputs_of(experience, inputs)
@@ -151,7 +159,8 @@ class Improver(nn.Module):
         policy_device, policy_dtype = placement(policy)
         with torch.no_grad():
             actions = policy(policy_inputs[probes].to(policy_device, policy_dtype)).to(device, torch.float32)
-        return self.net.encode(experience, actions, states[probes])
+        z = self.net.encode(experience, actions, states[probes])
+        return self.net.aimed(z, torch.tensor(self.aim_offset)) if any(self.aim_offset) else z
 
     def step(
         self,
@@ -241,6 +250,7 @@ class Improver(nn.Module):
             "distill_steps": self.distill_steps,
             "fit_epochs": self.fit_epochs,
             "reward_free": self.reward_free,
+            "aim_offset": list(self.aim_offset),
             "versions": {p: version(p) for p in ("policy-improver", "torch")},
             "metadata": metadata or {},
         }
@@ -261,7 +271,9 @@ class Improver(nn.Module):
         config = json.loads((path / "config.json").read_text())
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: improver checkpoint format {config.get('format_version')!r}; this version reads {FORMAT_VERSION}")
-        improver = cls(NetworkConfig(**config["network"]), config["distill_steps"], config.get("fit_epochs", 0), config.get("reward_free", False))
+        improver = cls(
+            NetworkConfig(**config["network"]), config["distill_steps"], config.get("fit_epochs", 0), config.get("reward_free", False), config.get("aim_offset")
+        )
         try:
             improver.load_state_dict(load_file(path / "model.safetensors"))
         except RuntimeError as err:

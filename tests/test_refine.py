@@ -147,3 +147,44 @@ def test_fitting_the_head_moves_only_the_head_toward_the_experts_actions_on_the_
         del f["1"]["expert_actions"]
     with pytest.raises(ValueError, match="without the expert's actions"):
         refine_locator(copy_of(locating), data, config, tmp_path, progress=False)
+
+
+def test_the_aim_offset_moves_the_inferred_goal_and_is_saved(toy, locating, tmp_path):
+    from improver.tasks import rollout
+
+    improver = copy_of(locating)
+    experience = rollout(toy.expert, toy.tasks("test")[0], 2, progress=False)
+    policy = torch.nn.Linear(4, 2)
+    plain = improver.context(policy, experience)
+    improver.aim_offset = (0.1, -0.2)
+    moved = improver.context(policy, experience)
+    torch.testing.assert_close(improver.net.task_estimate(moved) - improver.net.task_estimate(plain), torch.tensor([0.1, -0.2]))
+    improver.save_pretrained(tmp_path / "aimed")
+    assert Improver.from_pretrained(tmp_path / "aimed").aim_offset == (0.1, -0.2)
+    with pytest.raises(ValueError, match="one value per goal coordinate"):
+        Improver(NetworkConfig(4, 2, width=16, task_dim=2), aim_offset=(0.1,))
+
+
+def test_the_aim_is_calibrated_on_the_training_tasks_returns(toy, toy_dataset, locating, tmp_path):
+    from improver.operator import BehaviourPolicy
+    from improver.refine import calibrate_aim, collect_loop_episodes, _read_steps
+    from improver.tasks import rollout
+
+    improver = copy_of(locating)
+    improver.aim_offset = (0.05, 0.0)  # what the collecting improver added: the result adds to it
+    collect_loop_episodes(improver, ImprovementDataset(toy_dataset), CONFIG, tmp_path, progress=False)
+    offset, returns = calibrate_aim(improver, tmp_path, (-0.3, 0.3), progress=False)
+    assert len(returns) == 1 + 2 * 2
+    # The kept offset is the best one tried: recompute its return from each task's last context.
+    import h5py
+
+    total = 0.0
+    files = sorted(tmp_path.glob("task-*.h5"))
+    for path in files:
+        with h5py.File(path, "r") as f:
+            z = torch.from_numpy(f["1"]["context"][()])
+        info = _read_steps(path)[1].tasks[0]
+        chosen = torch.tensor(offset) - torch.tensor([0.05, 0.0])
+        policy = BehaviourPolicy(improver.net, improver.net.aimed(z, chosen))
+        total += float(rollout(policy, toy.tasks(info.split)[info.index], 1, seed=0, progress=False).returns.mean())
+    assert total / len(files) == pytest.approx(max(returns), rel=1e-5)
