@@ -6,7 +6,8 @@
 # REFINE_ROUNDS: rounds of `improver refine-locator` after meta-training (the locator trained on the loop's own episodes).
 # HEAD_STEPS: if above 0, one more round after those that fits only the behaviour head (DAgger, --head-steps).
 # Environment: REFINE_ARGS, loop options of every refinement round (e.g. "--goal-exploration 0.04 --wide-goal-exploration 0.08");
-# LOCATOR_STEPS, the locator's fit steps per round (default 500).
+# LOCATOR_STEPS, the locator's fit steps per round (default 500); AIM_CANDIDATES, offsets the head round tries
+# for the improver's aim_offset (e.g. "-0.04 -0.02 0.02 0.04 0.06"; default: none).
 set -euo pipefail
 family=${1:-reach-v3}
 train_tasks=${2:-40}
@@ -15,6 +16,7 @@ per_task=${4:-}
 refine_rounds=${5:-0}
 head_steps=${6:-0}
 read -r -a refine_args <<< "${REFINE_ARGS:-}"
+read -r -a aim_candidates <<< "${AIM_CANDIDATES:-}"
 work=${WORK:-runs/$family}
 out=pretrained/$family
 improver=${IMPROVER:-.venv/bin/improver}
@@ -29,7 +31,8 @@ for round in $(seq 1 "$refine_rounds"); do
   trained=$work/refine$round/improver
 done
 if [ "$head_steps" -gt 0 ]; then
-  "$improver" refine-locator --improver "$trained" --data "$work/train" --out "$work/refine-head" --steps 0 --head-steps "$head_steps" "${refine_args[@]}"
+  "$improver" refine-locator --improver "$trained" --data "$work/train" --out "$work/refine-head" --steps 0 --head-steps "$head_steps" "${refine_args[@]}" \
+    ${aim_candidates[0]+--aim-candidates "${aim_candidates[@]}"}
   trained=$work/refine-head/improver
 fi
 rm -rf "$out"
