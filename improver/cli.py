@@ -214,8 +214,6 @@ class MetaTrain:
         )
         validation = ImprovementDataset(self.validation) if self.validation else None
         meta_train(improver, dataset, config, self.out, validation=validation)
-        if "aim_offset" in scores:
-            print(f"aim offset {scores['aim_offset']}: mean noise-free return from the last loop contexts {scores['aim_return_before']:.1f} -> {scores['aim_return_after']:.1f}")
         print(f"wrote {self.out / 'improver'}")
 
 
