@@ -11,13 +11,16 @@ Layout of a dataset folder::
         /examples/<j>/target_actions  the expert's actions relabelled on the lesser's states
 
 Every shard is written to a temporary file and renamed, so a shard that exists is complete;
-datasets are written without timestamps so the same seed gives byte-identical shards.
+datasets are written without timestamps so the same seed gives byte-identical shards. Each shard
+records the task it holds and the settings it was made with (its ``task`` attribute), and every
+read checks them against its file name and the manifest, so a shard copied over another is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,10 +31,12 @@ from torch.utils.data import Dataset
 
 from improver.io import atomic_path
 from improver.policies import build_policy
+from improver.saved_files import read_json_object
 from improver.types import TaskInfo, Trajectory
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+_SHARD_NAME = re.compile(r"(?P<split>\w+)-(?P<index>\d{4,})\.h5")
 _TENSOR_FIELDS = ("observations", "actions", "rewards", "successes", "mask", "frames", "frame_steps")
 
 
@@ -42,6 +47,49 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of the shard of task ``index`` of ``split``."""
+    return f"{split}-{index:04d}.h5"
+
+
+def shard_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What a shard records of the settings it was made with: the dataset's ``config`` (``asdict(GenerateConfig)``).
+
+    All but ``tasks``, which picks the dataset's tasks and does not change how one is made; as
+    JSON gives it back, so a record read from a file compares equal.
+    """
+    return json.loads(json.dumps({k: v for k, v in config.items() if k != "tasks"}, default=str))
+
+
+def check_shard(path: Path, holds: dict[str, Any], checksum: str | None = None) -> None:
+    """Check, before trusting it, that the shard at ``path`` opens and holds what it should.
+
+    Args:
+        path: The shard file.
+        holds: Entries its task record must have (e.g. ``split``, ``index``, ``settings``).
+        checksum: Its SHA-256 as the manifest records it (``None``: not checked).
+
+    Raises:
+        ValueError: naming the shard, if it is unreadable (e.g. truncated), corrupted (another
+            checksum), or records another task or settings (copied from elsewhere).
+    """
+    try:
+        digest = sha256(path) if checksum is not None else None
+        with h5py.File(path, "r") as f:
+            record = json.loads(f.attrs["task"])
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"shard {path} is unreadable ({err}); regenerate it") from err
+    if digest != checksum:
+        raise ValueError(f"shard {path} is corrupted (checksum mismatch); regenerate it")
+    wrong = [k for k in holds if not isinstance(record, dict) or record.get(k) != holds[k]]
+    if wrong:
+        found = {k: record.get(k) for k in wrong} if isinstance(record, dict) else record
+        raise ValueError(
+            f"shard {path} records {found}, where {({k: holds[k] for k in wrong})} was expected: "
+            "it holds another task or dataset (copied over?); regenerate it"
+        )
 
 
 def _put(group: h5py.Group, name: str, value: np.ndarray) -> None:
@@ -117,25 +165,37 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(root: str | Path, verify: bool = True) -> dict[str, Any]:
-    """Read a dataset's manifest; with ``verify``, check every shard's SHA-256.
+    """Read a dataset's manifest and check that every shard opens and holds the task of its name.
+
+    Args:
+        root: Dataset folder.
+        verify: Also check every shard's SHA-256 against the manifest (reads every byte).
 
     Raises:
         FileNotFoundError: no manifest (generation never finished).
-        ValueError: an unknown format, or a missing or corrupted shard.
+        ValueError: an unknown format, or a missing, unreadable, corrupted or misplaced shard.
     """
     root = Path(root)
     if not (root / MANIFEST).is_file():
         raise FileNotFoundError(f"{root} has no {MANIFEST}: not a dataset, or its generation has not finished")
-    manifest = json.loads((root / MANIFEST).read_text())
+    manifest = read_json_object(root / MANIFEST)
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{root}: dataset format {manifest.get('format_version')!r}; this version reads {FORMAT_VERSION}")
-    if verify:
-        for name, entry in manifest["shards"].items():
-            shard = root / "shards" / name
-            if not shard.is_file():
-                raise ValueError(f"{root}: shard {name} is missing")
-            if sha256(shard) != entry["sha256"]:
-                raise ValueError(f"{root}: shard {name} is corrupted (checksum mismatch); regenerate it")
+        raise ValueError(
+            f"{root}: dataset format {manifest.get('format_version')!r}; this version reads {FORMAT_VERSION} "
+            "(rerun `improver generate` with the same settings on it to remake its shards)"
+        )
+    if not isinstance(manifest.get("config"), dict) or not isinstance(manifest.get("shards"), dict):
+        raise ValueError(f"{root / MANIFEST} lacks the dataset's config or shard list: it is damaged; rerun `improver generate` on the folder")
+    settings = shard_settings(manifest["config"])
+    for name, entry in manifest["shards"].items():
+        match = _SHARD_NAME.fullmatch(name)
+        if match is None:
+            raise ValueError(f"{root}: its manifest lists {name!r}, which is not a shard name (<split>-<index>.h5)")
+        shard = root / "shards" / name
+        if not shard.is_file():
+            raise ValueError(f"{root}: shard {name} is missing")
+        holds = {"split": match["split"], "index": int(match["index"]), "settings": settings}
+        check_shard(shard, holds, entry["sha256"] if verify else None)
     return manifest
 
 

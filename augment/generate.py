@@ -1,8 +1,10 @@
 """Build the meta-training dataset for a suite split: ranked families, policy zoo, targets.
 
 One shard per task, computed from ``(seed, split, task index)`` alone, so shards can be made in
-any order, by any number of processes (``accelerate launch``), and a killed run resumes by
-making only the shards that are missing. The manifest is built from the shards on disk.
+any order, by any number of processes (``accelerate launch``), and a rerun (after a kill, say)
+checks every shard on disk and makes only those that are missing or bad. The manifest is built
+from the shards on disk. Generation writes only into a new or empty folder or one holding a
+dataset of the same settings, and there touches nothing but the dataset's own files.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from typing import Any, Literal
 import h5py
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from improver.io import atomic_path
+from improver.io import atomic_path, leftover_temporaries
 from improver.tasks import RenderConfig, Suite, Task, make_suite, relabel
 from improver.tasks.evaluation import format_table
 
-from .dataset import FORMAT_VERSION, sha256, shard_examples, write_manifest, write_shard
+from .dataset import FORMAT_VERSION, MANIFEST, check_shard, sha256, shard_examples, shard_name, shard_settings, write_manifest, write_shard
 from .drex import NoiseLadder, check_noise_ranking, ranked_family
 from .noise import derive_seed
 from .zoo import GRADED_RECIPES, ZooRecipe, plot_zoo, train_member
@@ -57,6 +59,8 @@ PRESETS: dict[str, Preset] = {
     "full": Preset(None, NoiseLadder.evenly(20), 2, GRADED_RECIPES, 3, None),
 }
 SPLIT_CODES = {"train": 0, "test": 1}
+SETTINGS = "generate_config.json"
+DATASET_FILES = (SETTINGS, MANIFEST, "zoo.png", "shards")
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,19 @@ class GenerateConfig:
     tasks: int | None = None
     """Use only ``tasks`` tasks of the split, from its families in turn (default: the preset's number)."""
 
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.tasks is not None and self.tasks < 1:
+            raise ValueError(f"tasks must be at least 1, or None for the preset's number; got {self.tasks}")
 
-def shard_name(task: Task) -> str:
-    """File name of ``task``'s shard."""
-    return f"{task.split}-{task.index:04d}.h5"
+
+def task_record(task: Task, config: GenerateConfig) -> dict[str, Any]:
+    """What ``task``'s shard records about itself: the task and the settings it was made with."""
+    return {
+        "suite": task.suite, "family": task.family, "split": task.split, "index": task.index, "suite_seed": task.suite_seed,
+        "settings": shard_settings(asdict(config)),
+    }
 
 
 def make_shard(suite: Suite, task: Task, preset: Preset, config: GenerateConfig, path: Path) -> None:
@@ -103,10 +116,9 @@ def make_shard(suite: Suite, task: Task, preset: Preset, config: GenerateConfig,
                 "target_actions": relabel(suite.expert, member.experience),
             }
         )
-    task_record = {"suite": task.suite, "family": task.family, "split": task.split, "index": task.index, "suite_seed": task.suite_seed}
     write_shard(
         path,
-        task={**task_record, "drex": drex, "env_steps": env_steps},
+        task={**task_record(task, config), "drex": drex, "env_steps": env_steps},
         ranked=family.trajectory,
         levels=family.levels,
         better=better,
@@ -114,42 +126,100 @@ def make_shard(suite: Suite, task: Task, preset: Preset, config: GenerateConfig,
     )
 
 
-def _check_settings(out: Path, config: GenerateConfig) -> None:
-    settings = json.dumps(asdict(config), indent=2, default=str)
-    path = out / "generate_config.json"
-    if path.exists() and path.read_text() != settings:
-        raise ValueError(f"{out} holds a dataset generated with other settings ({path}); use a new --out folder")
-    with atomic_path(path) as tmp:
-        tmp.write_text(settings)
+def _check_out(out: Path, settings: str) -> None:
+    """Refuse an ``out`` that is not new, empty, or a dataset of ``settings`` (the JSON of a config)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NotADirectoryError(f"{out} is not a folder; give a new or empty folder for the dataset")
+    path = out / SETTINGS
+    if path.is_file():
+        if path.read_text() != settings:
+            raise ValueError(f"{out} holds a dataset generated with other settings ({path}); use a new --out folder")
+        return
+    others = sorted(p.name for p in set(out.iterdir()) - set(leftover_temporaries(out, DATASET_FILES)))
+    if others:
+        raise FileExistsError(
+            f"{out} is not empty and holds no dataset (no {SETTINGS}; it holds {others[:5]}); "
+            "nothing was written: give a new or empty --out folder, or the folder of the dataset to finish"
+        )
+
+
+def _recorded_checksums(out: Path) -> dict[str, str]:
+    """Shard name -> SHA-256 from the manifest an earlier run wrote (empty if there is none)."""
+    path = out / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return {name: entry["sha256"] for name, entry in json.loads(path.read_text())["shards"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"{path} is damaged ({err!r}), so the shards cannot be verified against it: delete it to rerun "
+            "(shards that open and hold their tasks are then kept), or use a new --out folder"
+        ) from err
+
+
+def _to_make(out: Path, config: GenerateConfig, tasks: tuple[Task, ...]) -> list[str]:
+    """Names of the shards to make: those missing, and those that fail their check (printed with the reason)."""
+    checksums = _recorded_checksums(out)
+    names = []
+    for task in tasks:
+        name = shard_name(task.split, task.index)
+        path = out / "shards" / name
+        if not path.exists():
+            names.append(name)
+            continue
+        try:
+            check_shard(path, task_record(task, config), checksums.get(name))
+        except ValueError as err:
+            print(f"making {name} again: {err}")
+            names.append(name)
+    return names
 
 
 def generate(config: GenerateConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Generate (or finish) the dataset in ``out`` and return its manifest.
 
-    Runs on every process of an ``accelerate launch``; shards are split between processes.
-    Generation is CPU work (env steps), so processes talk over gloo even on a GPU machine.
+    ``out`` must be absent, empty, or hold a dataset of the same settings; there every shard on
+    disk is checked (it opens, holds its task and settings, matches the manifest's checksum) and
+    the missing or bad ones are made. Runs on every process of an ``accelerate launch``; shards are
+    split between processes. Generation is CPU work (env steps), so processes talk over gloo even
+    on a GPU machine.
+
+    Raises:
+        FileExistsError: ``out`` holds files and no dataset.
+        ValueError: ``out`` holds a dataset of other settings, or a damaged manifest.
     """
     state = PartialState(cpu=True)
     out = Path(out)
+    settings = json.dumps(asdict(config), indent=2, default=str)
+    _check_out(out, settings)  # on every process before anything is written, so a refusal stops them all
     suite = make_suite(config.suite, config.suite_seed)
     preset = PRESETS[config.preset]
-    tasks = suite.first(config.split, config.tasks or preset.tasks)
+    tasks = suite.first(config.split, preset.tasks if config.tasks is None else config.tasks)
     shards = out / "shards"
-    if state.is_main_process:
-        shards.mkdir(parents=True, exist_ok=True)
-        _check_settings(out, config)
-        for leftover in shards.glob(".*"):  # temporaries of a killed run
-            shutil.rmtree(leftover, ignore_errors=True)
     state.wait_for_everyone()
+    todo = []
+    if state.is_main_process:
+        if not (out / SETTINGS).exists():
+            with atomic_path(out / SETTINGS) as tmp:
+                tmp.write_text(settings)
+        shards.mkdir(exist_ok=True)
+        names = [shard_name(t.split, t.index) for t in tasks]
+        for leftover in leftover_temporaries(out, DATASET_FILES) + leftover_temporaries(shards, names):  # of a killed run
+            shutil.rmtree(leftover)
+        todo = _to_make(out, config, tasks)
+    todo = set(broadcast_object_list([todo])[0])
     if state.num_processes > 1:
         torch.set_num_threads(1)  # two cores, two processes: avoid oversubscription
-    pending = [t for t in tasks if not (shards / shard_name(t)).exists()]
+    pending = [t for t in tasks if shard_name(t.split, t.index) in todo]
     start = time.perf_counter()
     made = []
     with state.split_between_processes(pending) as mine:
         for task in tqdm(mine, desc=f"generate {config.suite} [{config.split}]", unit="task", disable=not (progress and state.is_local_main_process)):
-            make_shard(suite, task, preset, config, shards / shard_name(task))
-            made.append(shard_name(task))
+            name = shard_name(task.split, task.index)
+            make_shard(suite, task, preset, config, shards / name)
+            made.append(name)
     made = gather_object(made) if state.num_processes > 1 else made
     state.wait_for_everyone()
     manifest = _manifest(out, config, tasks, made, time.perf_counter() - start, state.num_processes)
@@ -162,15 +232,15 @@ def generate(config: GenerateConfig, out: str | Path, progress: bool = True) -> 
 
 
 def _manifest(
-    out: Path, config: GenerateConfig, tasks: list[Task], made: list[str], seconds: float, processes: int
+    out: Path, config: GenerateConfig, tasks: tuple[Task, ...], made: list[str], seconds: float, processes: int
 ) -> dict[str, Any]:
     entries = {}
     for task in tasks:
-        path = out / "shards" / shard_name(task)
+        path = out / "shards" / shard_name(task.split, task.index)
         with h5py.File(path, "r") as f:
             info = json.loads(f.attrs["task"])
             records = [json.loads(g.attrs["record"]) for g in f["examples"].values()]
-        entries[shard_name(task)] = {
+        entries[path.name] = {
             "sha256": sha256(path),
             "examples": shard_examples(path),
             "env_steps": info["env_steps"],

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from improver.io import atomic_path
+from improver.io import FolderKind, atomic_path
+from improver.saved_files import check_keys, load_weights, read_json_object
 from improver.types import Trajectory
 
 FORMAT_VERSION = 1
@@ -82,7 +83,8 @@ class RewardEnsemble(nn.Module):
     def _inputs(self, trajectory: Trajectory) -> torch.Tensor:
         if trajectory.observations.shape[-1] != self.obs_dim:
             raise ValueError(f"the reward model expects {self.obs_dim}-d observations; got {trajectory.observations.shape[-1]}")
-        x = (trajectory.observations - self.obs_mean) / self.obs_std
+        # Padding steps may hold anything (NaN too); zeroed, their rewards are finite and masked to 0.
+        x = (torch.where(trajectory.mask[..., None], trajectory.observations, 0.0) - self.obs_mean) / self.obs_std
         if self.frame_encoder is None:
             return x
         if trajectory.frames is None:
@@ -224,7 +226,7 @@ def return_correlation(model: RewardEnsemble, trajectory: Trajectory) -> float:
 def save_reward_model(model: RewardEnsemble, path: str | os.PathLike) -> Path:
     """Write ``model`` to the folder ``path`` (``model.safetensors`` + ``config.json``), atomically."""
     config = {"format_version": FORMAT_VERSION, "obs_dim": model.obs_dim, "config": asdict(model.config)}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, FolderKind("reward model", {"format_version", "obs_dim", "config"})) as tmp:
         tmp.mkdir()
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -232,20 +234,21 @@ def save_reward_model(model: RewardEnsemble, path: str | os.PathLike) -> Path:
 
 
 def load_reward_model(path: str | os.PathLike) -> RewardEnsemble:
-    """Read a model written by :func:`save_reward_model`."""
+    """Read a model written by :func:`save_reward_model`; a damaged or foreign one raises ``ValueError``."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a saved reward model (no config.json)")
-    saved: dict[str, Any] = json.loads((path / "config.json").read_text())
+    saved = read_json_object(path / "config.json")
     if saved.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: reward model format {saved.get('format_version')!r}; this version reads {FORMAT_VERSION}")
-    fields = saved["config"]
-    config = RewardModelConfig(**{**fields, "hidden": tuple(fields["hidden"]), "snippet": tuple(fields["snippet"])})
-    model = RewardEnsemble(saved["obs_dim"], config)
+    check_keys(saved, path / "config.json", ("format_version", "obs_dim", "config"))
     try:
-        model.load_state_dict(load_file(path / "model.safetensors"))
-    except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not fit the saved configuration: {err}") from err
+        fields = saved["config"]
+        config = RewardModelConfig(**{**fields, "hidden": tuple(fields["hidden"]), "snippet": tuple(fields["snippet"])})
+        model = RewardEnsemble(saved["obs_dim"], config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(f"{path / 'config.json'} describes no valid reward model: {err!r}") from err
+    load_weights(model, path / "model.safetensors")
     return model.eval()
 
 

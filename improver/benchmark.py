@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .baselines import Checkpoint
 from .io import atomic_path
+from .saved_files import read_json_object
 from .loop import improvement_loop
 from .operator import Improver
 from .policies import load_policy
@@ -497,7 +498,7 @@ def run_benchmark(config: BenchConfig, out: Path, progress: bool = True) -> dict
             maml_update = MetaSGD.from_pretrained(saved_update)
             for s in starts:
                 maml_update.check(s.policy)
-            maml_report = {**json.loads((Path(saved_update) / "config.json").read_text())["metadata"], "loaded_from": str(saved_update)}
+            maml_report = {**read_json_object(Path(saved_update) / "config.json")["metadata"], "loaded_from": str(saved_update)}
             notes.append(f"MAML: the update meta-trained by an earlier run was loaded from {saved_update} (its report is under 'maml').")
         elif config.data is None:
             notes.append("MAML: skipped, no --data train dataset given.")
@@ -568,7 +569,9 @@ def _finished_units(out: Path, config: BenchConfig, wanted: set[tuple[str, int]]
     path = out / "results.json"
     if not path.is_file():
         return [], 0.0
-    previous = json.loads(path.read_text())
+    previous = read_json_object(path)
+    if not isinstance(previous.get("config"), dict):
+        raise ValueError(f"{path} holds no benchmark configuration: it was not written by `improver bench improve`, or was edited")
     # a setting that an older record lacks had its default then
     recorded = {**_config_record(BenchConfig()), **previous["config"]}
     old, new = ({k: v for k, v in c.items() if k not in ("seeds", "max_policies")} for c in (recorded, _config_record(config)))

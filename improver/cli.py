@@ -145,7 +145,8 @@ class RewardModel:
 
 @dataclass
 class MetaTrain:
-    """Meta-train an improver on a dataset made by `improver generate` (resumes from OUT/checkpoints)."""
+    """Meta-train an improver on a dataset made by `improver generate` (a rerun into the same OUT resumes
+    from OUT/checkpoints; it must have the run's settings, except --steps, which may change down to the checkpoint's step)."""
 
     data: Path
     """Dataset folder."""
@@ -196,6 +197,10 @@ class MetaTrain:
         from .network import NetworkConfig
         from .operator import Improver
 
+        config = MetaTrainConfig(
+            self.steps, self.batch_size, self.lr, distill_weight=self.distill_weight, checkpoint_every=self.checkpoint_every,
+            validate_every=self.validate_every, seed=self.seed, locate_ranked=self.locate_ranked,
+        )
         dataset = ImprovementDataset(self.data)
         example = dataset.example(0)
         network = NetworkConfig(
@@ -208,10 +213,6 @@ class MetaTrain:
             improver = Improver(network, self.distill_steps, fit_epochs, reward_free=self.reward_model is not None)
         if self.reward_model is not None:
             improver.reward_model = load_reward_model(self.reward_model).requires_grad_(False)
-        config = MetaTrainConfig(
-            self.steps, self.batch_size, self.lr, distill_weight=self.distill_weight, checkpoint_every=self.checkpoint_every,
-            validate_every=self.validate_every, seed=self.seed, locate_ranked=self.locate_ranked,
-        )
         validation = ImprovementDataset(self.validation) if self.validation else None
         meta_train(improver, dataset, config, self.out, validation=validation)
         print(f"wrote {self.out / 'improver'}")
@@ -235,9 +236,10 @@ class RefineLocator:
         from .augment.dataset import ImprovementDataset
         from .operator import Improver
         from .refine import refine_locator
+        from .saved_files import read_json_object
 
         improver = Improver.from_pretrained(self.improver)
-        source = {"source": str(self.improver), "source_metadata": json.loads((self.improver / "config.json").read_text())["metadata"]}
+        source = {"source": str(self.improver), "source_metadata": read_json_object(self.improver / "config.json").get("metadata", {})}
         _, scores = refine_locator(improver, ImprovementDataset(self.data), self.config, self.out, metadata=source)
         print(f"locator error on the {scores['experiences']} collected experiences (training tasks): {scores['error_before']:.4f} -> {scores['error_after']:.4f}")
         if "head_mse_before" in scores:
@@ -287,9 +289,13 @@ class Improve:
         from .tasks import make_suite
         from .tasks.evaluation import format_table
 
+        if self.out is not None and self.mode != "parameters":
+            raise ValueError("--out saves the improved policy's own parameters, which only --mode parameters makes; drop --out or use --mode parameters")
         suite = make_suite(self.suite)
         tasks = suite.tasks(self.split)
         if self.task_index is not None:
+            if not 0 <= self.task_index < len(tasks):
+                raise ValueError(f"--task-index {self.task_index} is out of range: {self.suite} has {len(tasks)} {self.split} tasks (0 to {len(tasks) - 1})")
             tasks = [tasks[self.task_index]]
         policy, record = load_policy(self.policy)
         improved, rows = improve(
@@ -298,7 +304,7 @@ class Improve:
             wide_goal_exploration=self.wide_goal_exploration,
         )
         print(format_table(rows))
-        if self.out is not None and self.mode == "parameters":
+        if self.out is not None:
             save_policy(improved, self.out, record={**record, "improved_steps": self.steps, "rows": rows})
             print(f"wrote {self.out}")
 
@@ -383,6 +389,34 @@ class BenchImprove:
         print(f"done in {results['wall_time_s']:.0f} s; wrote {self.out}/results.json, results.md, success_vs_step.png, success_vs_env_steps.png")
 
 
+@dataclass
+class BenchStep:
+    """Seconds and peak memory of one `Improver.step` on 100, 200 and 400 random episodes of 500 steps
+    (both modes, a fresh process each); prints a table and writes JSON."""
+
+    improver: Path = Path("pretrained/push-v3/improver")
+    """Folder of a trained improver (its observation and action sizes shape the episodes)."""
+    episodes: tuple[int, ...] = (100, 200, 400)
+    """Numbers of episodes to measure."""
+    modes: tuple[Literal["behaviour", "parameters"], ...] = ("behaviour", "parameters")
+    """Modes of `step` to measure."""
+    steps: int = 500
+    """Steps per episode."""
+    chunk_tokens: int | None = None
+    """Most tokens the encoder attends over at once (default: the network's); 1000000000 measures the
+    encoder as it was before chunking: one sequence over all episodes."""
+    threads: int | None = None
+    """torch threads (default: torch's own choice); 1 on a shared machine."""
+    out: Path = Path("bench/step.json")
+    """Where to write the rows as JSON."""
+
+    def run(self) -> None:
+        from .step_bench import bench_step
+
+        rows = bench_step(self.improver, self.episodes, self.modes, self.steps, self.chunk_tokens, self.threads)
+        _write_json(self.out, {"improver": str(self.improver), "threads": self.threads, "rows": rows})
+
+
 def _write_json(path: Path, data: object) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2))
@@ -390,7 +424,7 @@ def _write_json(path: Path, data: object) -> None:
 
 
 COMMANDS = {"demo": Demo, "rollout": Rollout, "generate": Generate, "reward-model": RewardModel, "meta-train": MetaTrain, "refine-locator": RefineLocator, "improve": Improve}
-BENCHMARKS = {"rollout": BenchRollout, "improve": BenchImprove}
+BENCHMARKS = {"rollout": BenchRollout, "improve": BenchImprove, "step": BenchStep}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -403,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
             COMMANDS,
             prog="improver",
             args=argv,
-            description="policy-improver. Commands: demo, rollout, generate, reward-model, meta-train, refine-locator, improve; benchmarks: `improver bench rollout`, `improver bench improve`.",
+            description="policy-improver. Commands: demo, rollout, generate, reward-model, meta-train, refine-locator, improve; benchmarks: `improver bench rollout`, `improver bench improve`, `improver bench step`.",
         )
     command.run()
 

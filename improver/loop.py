@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .augment.noise import Gaussian, NoisyPolicy, derive_seed
-from .io import atomic_path
+from .io import FolderKind, atomic_path
 from .operator import BehaviourPolicy, Improver
 from .policies import POLICY_CLASSES, save_policy
 from .tasks import RenderConfig, Task, rollout
@@ -276,7 +276,7 @@ class Checkpoint:
         if type(state.policy).__name__ in POLICY_CLASSES and hasattr(state.policy, "config"):
             save_policy(state.policy, path, record={"metrics": state.metrics})
         else:
-            with atomic_path(path) as tmp:
+            with atomic_path(path, FolderKind("checkpoint", entries={"model.safetensors", "metrics.json"})) as tmp:
                 tmp.mkdir()
                 save_file({k: v.detach().cpu().contiguous() for k, v in state.policy.state_dict().items()}, tmp / "model.safetensors")
                 (tmp / "metrics.json").write_text(json.dumps(state.metrics, indent=2))

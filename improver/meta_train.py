@@ -4,25 +4,48 @@ Loss per example: the behaviour head's negative log-likelihood of the better act
 expert's on the lesser policy's states, and the better episodes' own), plus the error of the
 lesser policy after it has been distilled toward ``g``, differentiated through the distillation
 steps with ``higher``. One code path for CPU, one GPU and several processes.
+
+A run folder ``OUT`` holds::
+
+    settings.json            the run's settings, compared on every resume
+    checkpoints/latest/      the newest complete checkpoint (``previous`` after a kill mid-rotation)
+        improver.safetensors   the improver's state dict
+        optimizer.safetensors  Adam's per-parameter state, keyed ``<param index>.<name>``
+        progress.json          the step counter
+    meta_train/              TensorBoard logs
+    improver/                the trained improver (``Improver.save_pretrained``)
+
+Everything is read with safetensors and JSON: no file in a run folder can execute code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
 import torch
 from accelerate import Accelerator
+from safetensors.torch import save, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from improver.augment.dataset import Example, ImprovementDataset
+from improver.augment.dataset import MANIFEST, Example, ImprovementDataset
 from improver.augment.noise import derive_seed
 from improver.types import Trajectory
 
+from .io import atomic_path
 from .loop import heldout_success
 from .operator import Improver
+from .saved_files import check_keys, read_json_object, read_weights
+
+SETTINGS = "settings.json"
+SETTINGS_FORMAT = 1
+CHECKPOINT_FILES = ("improver.safetensors", "optimizer.safetensors", "progress.json")
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 
 
 @dataclass(frozen=True)
@@ -51,7 +74,7 @@ class MetaTrainConfig:
     distill_states: int = 256
     """States sampled per example for the differentiable distillation."""
     checkpoint_every: int = 50
-    """Steps between checkpoints (``accelerator.save_state``)."""
+    """Steps between checkpoints (in ``OUT/checkpoints``)."""
     validate_every: int = 0
     """Steps between held-out validations (0: only at the end); needs a validation dataset."""
     locate_ranked: bool = True
@@ -60,18 +83,17 @@ class MetaTrainConfig:
     seed: int = 0
     """Seed of the example order and state sampling."""
 
-
-class _Progress:
-    """The step counter, saved and restored with the accelerator's state."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = state["step"]
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "lr", "task_lr", "grad_clip", "distill_states", "checkpoint_every")
+        non_negative = ("distill_weight", "task_weight", "validate_every")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"MetaTrainConfig.{name} must be positive; got {getattr(self, name)!r}")
+        for name in non_negative:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"MetaTrainConfig.{name} must be 0 or more; got {getattr(self, name)!r}")
+        if self.goal_forcing is not None and not self.goal_forcing >= 0:
+            raise ValueError(f"MetaTrainConfig.goal_forcing must be None (learn from the estimate) or 0 or more; got {self.goal_forcing!r}")
 
 
 def fit_normalization(improver: Improver, dataset: ImprovementDataset) -> None:
@@ -186,38 +208,50 @@ def meta_train(
     """Meta-train ``improver`` on ``dataset``; checkpoints in ``out/checkpoints``, TensorBoard logs in ``out``.
 
     A run whose ``out`` already holds a checkpoint resumes from it and ends where an
-    uninterrupted run would have. With a ``validation`` dataset of held-out tasks, the success
-    of its lesser policies after one ``step`` is measured (in the environment) and logged as
-    ``val/success_before`` and ``val/success_after``. Returns the trained improver (also
-    written to ``out/improver``).
+    uninterrupted run would have. ``out/settings.json`` binds the folder to its run's settings
+    (see :func:`run_settings`): a rerun may only change ``config.steps``, to the checkpoint's
+    step or more, so a run can be extended or cut short but never continued with other settings.
+    With a ``validation`` dataset of held-out tasks, the success of its lesser policies after
+    one ``step`` is measured (in the environment) and logged as ``val/success_before`` and
+    ``val/success_after``. Returns the trained improver (also written to ``out/improver``).
+
+    Raises:
+        ValueError: ``out`` was started with other settings or by an older version, holds a
+            checkpoint past ``config.steps``, files meta-training did not write in its
+            checkpoint folders, or a damaged checkpoint. Nothing in ``out`` is changed then.
     """
     out = Path(out)
+    settings = run_settings(improver, dataset, config)
+    resume = _check_run_folder(out, settings, config.steps)  # before anything is written
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), log_with="tensorboard", project_dir=out)
     improver = improver.to(accelerator.device)
     if accelerator.num_processes > 1 and accelerator.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))  # no oversubscription
-    resume = _resume_point(out)
-    if resume is None:
-        fit_normalization(improver, dataset)
     locator = list(improver.net.locator.parameters()) if improver.net.locator is not None else []
     rest = [p for p in improver.parameters() if p.requires_grad and all(p is not q for q in locator)]
     groups = [{"params": rest}] + ([{"params": locator, "lr": config.task_lr}] if locator else [])
-    optimizer = accelerator.prepare(torch.optim.Adam(groups, lr=config.lr))
-    state = _Progress()
-    accelerator.register_for_checkpointing(improver, state)
-    if resume is not None:
-        accelerator.load_state(str(resume))
+    adam = torch.optim.Adam(groups, lr=config.lr)
+    # Loaded after prepare(), which would move the state's step counters onto the GPU (a fresh run keeps them on the CPU).
+    optimizer = accelerator.prepare(adam)
+    if resume is None:
+        fit_normalization(improver, dataset)
+        step = 0
+    else:
+        step = _load_checkpoint(resume, improver, adam)
+    if accelerator.is_main_process:
+        with atomic_path(out / SETTINGS) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2))
     accelerator.init_trackers("meta_train", config=asdict(config))
     ladders = _ladders(improver, dataset) if config.locate_ranked and improver.net.config.task_dim else {}
     rank, world = accelerator.process_index, accelerator.num_processes
-    bar = tqdm(total=config.steps, initial=state.step, desc="meta-train", disable=not (progress and accelerator.is_local_main_process))
-    while state.step < config.steps:
-        batch = _batch(len(dataset), config, state.step)
+    bar = tqdm(total=config.steps, initial=step, desc="meta-train", disable=not (progress and accelerator.is_local_main_process))
+    while step < config.steps:
+        batch = _batch(len(dataset), config, step)
         parts: list[dict[str, float]] = []
         with accelerator.autocast():
             loss = torch.zeros((), device=accelerator.device)
             for i in batch[rank::world]:
-                generator = torch.Generator().manual_seed(derive_seed(config.seed, state.step, i))
+                generator = torch.Generator().manual_seed(derive_seed(config.seed, step, i))
                 example = _scored(improver, dataset.example(i))
                 value, info = example_loss(improver, example, config, generator, ladders.get(example.lesser.tasks[0].index))
                 loss = loss + value / len(batch)
@@ -230,26 +264,141 @@ def meta_train(
                     parameter.grad = accelerator.reduce(parameter.grad, reduction="sum")
         grad_norm = nn.utils.clip_grad_norm_(improver.parameters(), config.grad_clip)
         optimizer.step()
-        state.step += 1
+        step += 1
         metrics = {"loss": float(accelerator.reduce(loss.detach(), reduction="sum")), "grad_norm": float(grad_norm)}
         metrics |= {k: sum(p[k] for p in parts) / max(1, len(parts)) for k in ("nll", "mode_mse", "distill_mse", "task_mse")}
-        accelerator.log(metrics, step=state.step)
+        accelerator.log(metrics, step=step)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if validation is not None and accelerator.is_main_process and (
-            state.step == config.steps or (config.validate_every and state.step % config.validate_every == 0)
+            step == config.steps or (config.validate_every and step % config.validate_every == 0)
         ):
             scores = heldout_success(improver, validation, seed=config.seed)
-            accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=state.step)
-            bar.write(f"step {state.step}: held-out success {scores['success_before']:.2f} -> {scores['success_after']:.2f} after one step")
-        if state.step % config.checkpoint_every == 0 or state.step == config.steps:
-            _checkpoint(accelerator, out)
+            accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=step)
+            bar.write(f"step {step}: held-out success {scores['success_before']:.2f} -> {scores['success_after']:.2f} after one step")
+        if accelerator.is_main_process and (step % config.checkpoint_every == 0 or step == config.steps):
+            _checkpoint(out, improver, adam, step)
     bar.close()
     if accelerator.is_main_process:
-        improver.save_pretrained(out / "improver", metadata={"meta_train": asdict(config), "dataset": str(dataset.root), "examples": len(dataset)})
+        improver.save_pretrained(
+            out / "improver", metadata={"meta_train": asdict(config), "dataset": str(dataset.root), "examples": len(dataset), "processes": world}
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()  # also tears down the process group: nothing collective after this
     return improver
+
+
+def run_settings(improver: Improver, dataset: ImprovementDataset, config: MetaTrainConfig) -> dict[str, Any]:
+    """The settings a run folder is bound to, as ``settings.json`` holds them.
+
+    Sections: ``meta_train`` (``config``), ``network`` (the improver's network config),
+    ``improver`` (its other constructor settings and a SHA-256 of its ranking reward model's
+    weights, if any) and ``data`` (the dataset's resolved path and its manifest's SHA-256,
+    which covers every shard's SHA-256).
+    """
+    reward_model = improver.reward_model
+    settings = {
+        "format_version": SETTINGS_FORMAT,
+        "meta_train": asdict(config),
+        "network": asdict(improver.config),
+        "improver": {
+            "distill_steps": improver.distill_steps,
+            "fit_epochs": improver.fit_epochs,
+            "reward_free": improver.reward_free,
+            "aim_offset": improver.aim_offset,
+            "reward_model_sha256": None if reward_model is None else hashlib.sha256(save(_cpu_state(reward_model))).hexdigest(),
+        },
+        "data": {
+            "data": str(dataset.root.resolve()),
+            "data_manifest_sha256": hashlib.sha256((dataset.root / MANIFEST).read_bytes()).hexdigest(),
+        },
+    }
+    return json.loads(json.dumps(settings))  # as the file reads back: tuples become lists
+
+
+def _check_run_folder(out: Path, settings: dict[str, Any], steps: int) -> Path | None:
+    """The checkpoint to resume from (``None``: start afresh), after checking that ``out`` may
+    continue with ``settings``, of which only ``meta_train.steps`` may differ (down to the
+    checkpoint's step). Reads only."""
+    path = out / SETTINGS
+    if not path.exists():
+        if (out / "checkpoints").exists():
+            raise ValueError(
+                f"{out / 'checkpoints'} has no {SETTINGS} beside it: it was written by an older version of meta-train "
+                "(as Accelerate's pickled state) and cannot be resumed safely; use a new --out"
+            )
+        return None
+    old = read_json_object(path)
+    if old.get("format_version") != SETTINGS_FORMAT:
+        raise ValueError(f"{path}: settings format {old.get('format_version')!r}; this version reads {SETTINGS_FORMAT}: use a new --out")
+    check_keys(old, path, settings.keys())
+    if not all(isinstance(old[section], dict) for section in settings if section != "format_version"):
+        raise ValueError(f"{path} is damaged: each section except format_version must be a JSON object; use a new --out")
+    differing = [
+        (key, old[section].get(key, "(not recorded)"), value)
+        for section, values in settings.items() if section != "format_version"
+        for key, value in values.items()
+        if (section, key) != ("meta_train", "steps") and old[section].get(key, "(not recorded)") != value
+    ]
+    if differing:
+        was = ", ".join(f"{key}={value}" for key, value, _ in differing)
+        asks = ", ".join(f"{key}={value}" for key, _, value in differing)
+        raise ValueError(f"{out} was started with {was}; this run asks for {asks}: use a new --out, or the same settings")
+    for name in ("staging", "latest", "previous"):
+        _check_checkpoint_folder(out / "checkpoints" / name)
+    resume = next((out / "checkpoints" / name for name in ("latest", "previous") if (out / "checkpoints" / name).is_dir()), None)
+    if resume is not None and (step := _checkpoint_step(resume)) > steps:
+        raise ValueError(f"{resume} is at step {step}; this run asks for steps={steps}: ask for {step} or more to resume, or use a new --out")
+    return resume
+
+
+def _check_checkpoint_folder(folder: Path) -> None:
+    """Refuse a checkpoint folder that holds anything meta-training did not write: it is never read, nor deleted with the folder."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise ValueError(f"{folder} is not a folder meta-training wrote (a link or a file): move it out of the way and rerun")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in CHECKPOINT_FILES) if folder.is_dir() else []
+    if foreign:
+        raise ValueError(
+            f"{folder} holds {foreign}, which meta-training did not write and will neither load nor delete: "
+            "move them out of the folder (a planted pickle would run code if anything unpickled it) and rerun"
+        )
+
+
+def _checkpoint_step(folder: Path) -> int:
+    """The step counter of the checkpoint in ``folder``."""
+    path = folder / "progress.json"
+    progress = read_json_object(path)
+    check_keys(progress, path, ("step",))
+    step = progress["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{path}: step must be an integer, 0 or more; got {step!r}: the checkpoint is damaged, use a new --out")
+    return step
+
+
+def _load_checkpoint(folder: Path, improver: Improver, optimizer: torch.optim.Adam) -> int:
+    """Load the checkpoint in ``folder`` into ``improver`` and ``optimizer``; returns its step."""
+    path = folder / "improver.safetensors"
+    try:
+        improver.load_state_dict(read_weights(path))
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit the run's improver (the checkpoint is damaged): {err}") from err
+    path = folder / "optimizer.safetensors"
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in read_weights(path).items():
+        index, _, name = key.partition(".")
+        known = index.isdecimal() and int(index) < len(parameters) and name in ADAM_STATE
+        if not known or value.shape != (() if name == "step" else parameters[int(index)].shape):
+            raise ValueError(
+                f"{path}: entry {key!r} of shape {tuple(value.shape)} is not Adam's state of this run's {len(parameters)} parameters "
+                "(the checkpoint is damaged)"
+            )
+        state.setdefault(int(index), {})[name] = value
+    if incomplete := sorted(i for i, entries in state.items() if len(entries) != len(ADAM_STATE)):
+        raise ValueError(f"{path}: the state of parameters {incomplete} lacks some of {list(ADAM_STATE)} (the checkpoint is damaged)")
+    # The hyperparameters are this run's: the settings check made them equal to the checkpoint's.
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    return _checkpoint_step(folder)
 
 
 def _batch(size: int, config: MetaTrainConfig, step: int) -> list[int]:
@@ -260,25 +409,31 @@ def _batch(size: int, config: MetaTrainConfig, step: int) -> list[int]:
     return order[offset * config.batch_size : (offset + 1) * config.batch_size]
 
 
-def _checkpoint(accelerator: Accelerator, out: Path) -> None:
-    """Save the full training state to ``out/checkpoints/latest`` without ever leaving it half-written."""
-    staging = out / "checkpoints" / "staging"
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        latest = out / "checkpoints" / "latest"
-        previous = out / "checkpoints" / "previous"
-        shutil.rmtree(previous, ignore_errors=True)
-        if latest.exists():
-            latest.rename(previous)
-        staging.rename(latest)
-        shutil.rmtree(previous, ignore_errors=True)
-    accelerator.wait_for_everyone()
+def _checkpoint(out: Path, improver: Improver, optimizer: torch.optim.Adam, step: int) -> None:
+    """Save the training state to ``out/checkpoints/latest`` (main process only); a kill at any point leaves a complete checkpoint."""
+    staging, latest, previous = (out / "checkpoints" / name for name in ("staging", "latest", "previous"))
+    _discard(staging)
+    staging.mkdir(parents=True)
+    save_file(_cpu_state(improver), staging / "improver.safetensors")
+    optimizer_state = optimizer.state_dict()["state"]
+    flat = {f"{i}.{name}": value.detach().cpu().contiguous() for i, entries in optimizer_state.items() for name, value in entries.items()}
+    save_file(flat, staging / "optimizer.safetensors")
+    (staging / "progress.json").write_text(json.dumps({"step": step}))
+    if latest.exists():  # a previous without a latest is the only complete checkpoint: it goes after staging is in place
+        _discard(previous)
+        latest.rename(previous)
+    staging.rename(latest)
+    _discard(previous)
 
 
-def _resume_point(out: Path) -> Path | None:
-    """The newest complete checkpoint (``previous`` if a kill landed between the two renames)."""
-    for name in ("latest", "previous"):
-        if (out / "checkpoints" / name).is_dir():
-            return out / "checkpoints" / name
-    return None
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint folder by the files meta-training writes: anything else stays, and the folder with it."""
+    if folder.is_dir():
+        for name in CHECKPOINT_FILES:
+            (folder / name).unlink(missing_ok=True)
+        folder.rmdir()
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict on the CPU, contiguous, as safetensors stores it."""
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}

@@ -9,24 +9,28 @@ import copy
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import higher
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .augment.ranking_reward import load_reward_model, save_reward_model
 from .distill import fit_policy
-from .io import atomic_path
+from .io import FolderKind, atomic_path
 from .network import ImprovementNet, NetworkConfig
 from .policies import placement
-from .types import Trajectory
+from .saved_files import check_keys, load_weights, read_json_object
+from .types import VALUE_LIMIT, Trajectory
 
 FORMAT_VERSION = 1
+CONFIG_KEYS = ("format_version", "network", "distill_steps")
+OPTIONAL_CONFIG_KEYS = ("fit_epochs", "reward_free", "aim_offset", "versions", "metadata")
 
 
 PolicyInputs = Literal["observations", "frames"]
@@ -59,6 +63,44 @@ def bounded(grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
     norm = torch.sqrt(sum((g * g).sum() for g in grads if g is not None))
     scale = 1.0 / norm.clamp(min=1.0)
     return [None if g is None else g * scale for g in grads]
+
+
+@contextmanager
+def evaluating(policy: Any) -> Iterator[None]:
+    """Run ``policy`` in eval mode, then give each of its submodules back its own training flag.
+
+    Looking at a policy must not change it: in train mode a BatchNorm layer would update its
+    running statistics (and refuse a batch of one).
+    """
+    if not isinstance(policy, nn.Module):
+        yield
+        return
+    flags = [(module, module.training) for module in policy.modules()]
+    policy.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def checked(improved: nn.Module, inputs: torch.Tensor) -> nn.Module:
+    """``improved``, once its weights and its actions on ``inputs`` (``[N, ...]``, what it reads) are all finite.
+
+    Raises:
+        FloatingPointError: naming the non-finite weights, or saying the actions are.
+    """
+    weights = [name for name, value in improved.state_dict().items() if value.is_floating_point() and not bool(value.isfinite().all())]
+    device, dtype = placement(improved)
+    with torch.no_grad():  # in batches: the experience may hold hundreds of thousands of states
+        finite = all(bool(improved(part.to(device, dtype)).isfinite().all()) for part in inputs.split(4096))
+    if weights or not finite:
+        what = f"weights ({', '.join(weights[:5])})" if weights else "actions on the experience's states"
+        raise FloatingPointError(
+            f"the improvement step produced NaN or infinite {what}; the input policy is unchanged. The policy or the "
+            "experience drove the improver out of its range: check their values, or use the other mode"
+        )
+    return improved
 
 
 class BehaviourPolicy(nn.Module):
@@ -99,10 +141,15 @@ class Improver(nn.Module):
         self, config: NetworkConfig, distill_steps: int = 20, fit_epochs: int = 0, reward_free: bool = False, aim_offset: Sequence[float] | None = None
     ) -> None:
         super().__init__()
-        if fit_epochs < 0:
-            raise ValueError(f"fit_epochs must be 0 (meta-learned steps) or more; got {fit_epochs}")
-        if aim_offset is not None and len(aim_offset) != config.task_dim:
-            raise ValueError(f"aim_offset needs one value per goal coordinate ({config.task_dim}); got {len(aim_offset)}")
+        for name, value in (("distill_steps", distill_steps), ("fit_epochs", fit_epochs)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer, 0 or more; got {value!r}")
+        if not isinstance(reward_free, bool):
+            raise ValueError(f"reward_free must be true or false; got {reward_free!r}")
+        if aim_offset is not None and (
+            len(aim_offset) != config.task_dim or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in aim_offset)
+        ):
+            raise ValueError(f"aim_offset needs one finite number per goal coordinate ({config.task_dim}); got {aim_offset!r}")
         self.config = config
         self.fit_epochs = fit_epochs
         self.reward_free = reward_free
@@ -128,12 +175,12 @@ class Improver(nn.Module):
             raise ValueError(f"this improver was trained on {act_dim}-d actions; the experience has {experience.actions.shape[-1]}")
         _, policy_inputs = policy_inputs_of(experience, inputs)
         device, dtype = placement(policy)
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(policy):
             out = policy(policy_inputs[:1].to(device, dtype))
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, act_dim):
-            shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
-                f"the policy must map a batch of {inputs} to [B, {act_dim}] actions; it returned {shape} "
+                f"the policy must map a batch of {inputs} to [B, {act_dim}] actions; for a batch of 1 it returned {shape} "
                 "(recurrent policies are not supported; wrap an SB3 policy in improver.integrations.sb3.SB3Actor)"
             )
         return self.scored(experience)
@@ -151,14 +198,16 @@ class Improver(nn.Module):
 
     def context(self, policy: nn.Module, experience: Trajectory, inputs: PolicyInputs = "observations") -> torch.Tensor:
         """Context ``z`` ``[context_dim]`` summarising the policy (acting on ``inputs``) and its experience
-        (with ``aim_offset`` added to the goal it infers)."""
+        (with ``aim_offset`` added to the goal it infers). The policy runs in eval mode and is left as it was."""
         device = self.log_lrs.device
         experience = experience.to(device)
         states, policy_inputs = policy_inputs_of(experience, inputs)
         probes = self.net.probe_index(len(states))
         policy_device, policy_dtype = placement(policy)
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(policy):
             actions = policy(policy_inputs[probes].to(policy_device, policy_dtype)).to(device, torch.float32)
+        if not bool((actions.abs() <= VALUE_LIMIT).all()):
+            raise ValueError(f"the policy returned NaN, infinite or huge (beyond +-{VALUE_LIMIT:g}) actions on the experience's states; fix the policy first")
         z = self.net.encode(experience, actions, states[probes])
         return self.net.aimed(z, torch.tensor(self.aim_offset)) if any(self.aim_offset) else z
 
@@ -169,11 +218,16 @@ class Improver(nn.Module):
         mode: Literal["parameters", "behaviour"] = "parameters",
         inputs: PolicyInputs = "observations",
     ) -> nn.Module:
-        """One improvement step. The input policy is never modified.
+        """One improvement step. The input policy is never modified (it is looked at in eval mode).
+
+        Works under ``torch.no_grad()`` and ``torch.inference_mode()`` too.
 
         Args:
             policy: The current policy: any ``nn.Module`` mapping a batch of its inputs to
-                ``[B, act_dim]`` actions.
+                ``[B, act_dim]`` actions (in behaviour mode also a plain function). Parameters
+                mode leaves parameters with ``requires_grad=False`` as they are, unless all of them
+                are (a policy frozen for inference): then it distils them all, and the copy keeps
+                the flags.
             experience: Episodes collected with ``policy``; rewards may be missing if this improver
                 carries a ranking reward model.
             mode: ``"parameters"``: a copy of ``policy`` (same class and architecture) distilled
@@ -184,21 +238,38 @@ class Improver(nn.Module):
 
         Returns:
             The improved policy.
+
+        Raises:
+            FloatingPointError: the improved policy has NaN or infinite weights or actions on the
+                experience's states (it is not returned).
         """
         if mode not in ("parameters", "behaviour"):
             raise ValueError(f"mode must be 'parameters' or 'behaviour'; got {mode!r}")
-        experience = self._check(policy, experience, inputs)
-        with torch.no_grad():
-            z = self.context(policy, experience, inputs)
-        if mode == "behaviour":
-            return BehaviourPolicy(copy.deepcopy(self.net), z).eval()
-        states, policy_inputs = policy_inputs_of(experience.to(self.log_lrs.device), inputs)
-        with torch.no_grad():
-            targets = self.net.head.act(self.net.normalize(states), z)
-        if self.fit_epochs:
-            with torch.enable_grad():  # also when the caller runs step() under torch.no_grad()
-                return fit_policy(copy.deepcopy(policy), policy_inputs, targets, epochs=self.fit_epochs, generator=torch.Generator().manual_seed(0))
-        return self.distill(copy.deepcopy(policy), policy_inputs, targets, differentiable=False).eval()
+        if mode == "parameters" and not (isinstance(policy, nn.Module) and any(True for _ in policy.parameters())):
+            raise TypeError(
+                f"parameters mode distils into the policy's own parameters, so it needs an nn.Module with parameters; "
+                f"got a {type(policy).__name__} without any: use mode='behaviour'"
+            )
+        # Distillation needs autograd, which inference mode turns off; tensors made in it are read only.
+        with torch.inference_mode(False):
+            experience = self._check(policy, experience, inputs)
+            with torch.no_grad():
+                z = self.context(policy, experience, inputs)
+            states, policy_inputs = policy_inputs_of(experience.to(self.log_lrs.device), inputs)
+            if mode == "behaviour":
+                return checked(BehaviourPolicy(copy.deepcopy(self.net), z).eval(), states)
+            with torch.no_grad():
+                targets = self.net.head.act(self.net.normalize(states), z)
+            improved = copy.deepcopy(policy)
+            frozen = not any(p.requires_grad for p in improved.parameters())
+            if frozen:
+                improved.requires_grad_(True)
+            if self.fit_epochs:
+                with torch.enable_grad():  # also when the caller runs step() under torch.no_grad()
+                    improved = fit_policy(improved, policy_inputs, targets, epochs=self.fit_epochs, generator=torch.Generator().manual_seed(0))
+            else:
+                improved = self.distill(improved, policy_inputs, targets, differentiable=False).eval()
+            return checked(improved.requires_grad_(False) if frozen else improved, policy_inputs)
 
     def distill(
         self, policy: nn.Module, states: torch.Tensor, targets: torch.Tensor, differentiable: bool, probe: torch.Tensor | None = None
@@ -228,13 +299,17 @@ class Improver(nn.Module):
 
                 return fmodel(probe.to(device, dtype))
         parameters = list(policy.parameters())
+        # Frozen parameters (requires_grad False) are the user's choice: they stay as they are.
+        trainable = [p for p in parameters if p.requires_grad]
+        if not trainable:
+            raise ValueError("the policy has no parameter with requires_grad=True: there is nothing to distil into")
         lrs, trust = lrs.detach(), trust.detach()
         # Distillation needs gradients even when the caller runs step() under torch.no_grad().
         with torch.enable_grad():
             for k in range(self.distill_steps):
-                grads = bounded(torch.autograd.grad(objective(policy(states), parameters), parameters, allow_unused=True))
+                grads = bounded(torch.autograd.grad(objective(policy(states), parameters), trainable, allow_unused=True))
                 with torch.no_grad():
-                    for parameter, grad in zip(parameters, grads):
+                    for parameter, grad in zip(trainable, grads):
                         if grad is not None:
                             parameter -= lrs[k] * grad
         return policy
@@ -254,7 +329,8 @@ class Improver(nn.Module):
             "versions": {p: version(p) for p in ("policy-improver", "torch")},
             "metadata": metadata or {},
         }
-        with atomic_path(path) as tmp:
+        kind = FolderKind("improver checkpoint", frozenset(CONFIG_KEYS), optional={"reward_model"})
+        with atomic_path(path, kind) as tmp:
             tmp.mkdir()
             save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("reward_model.")}, tmp / "model.safetensors")
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -264,20 +340,27 @@ class Improver(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Improver:
-        """Load an improver written by :meth:`save_pretrained`; a checkpoint that does not fit raises ``ValueError``."""
+        """Load an improver written by :meth:`save_pretrained`.
+
+        Raises:
+            FileNotFoundError: ``path`` is not an improver checkpoint folder.
+            ValueError: a file of the checkpoint is damaged, of another format or does not fit.
+        """
         path = Path(path)
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"{path} is not an improver checkpoint: it needs config.json and model.safetensors")
-        config = json.loads((path / "config.json").read_text())
+        config = read_json_object(path / "config.json")
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: improver checkpoint format {config.get('format_version')!r}; this version reads {FORMAT_VERSION}")
-        improver = cls(
-            NetworkConfig(**config["network"]), config["distill_steps"], config.get("fit_epochs", 0), config.get("reward_free", False), config.get("aim_offset")
-        )
+        check_keys(config, path / "config.json", CONFIG_KEYS, OPTIONAL_CONFIG_KEYS)
         try:
-            improver.load_state_dict(load_file(path / "model.safetensors"))
-        except RuntimeError as err:
-            raise ValueError(f"{path}: weights do not fit the network in config.json: {err}") from err
+            improver = cls(
+                NetworkConfig(**config["network"]), config["distill_steps"], config.get("fit_epochs", 0), config.get("reward_free", False),
+                config.get("aim_offset"),
+            )
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path / 'config.json'} describes no valid improver: {err}") from err
+        load_weights(improver, path / "model.safetensors")
         if (path / "reward_model").is_dir():
             improver.reward_model = load_reward_model(path / "reward_model")
         return improver.eval()

@@ -45,6 +45,12 @@ class Policy(Protocol):
     def __call__(self, observations: torch.Tensor) -> torch.Tensor: ...
 
 
+VALUE_LIMIT = 1e6
+"""Largest magnitude an observation, action or reward may have on a real step. Meta-World's
+are within about 10; a larger one means a broken environment or policy, and the improver's
+float32 arithmetic (squares of normalised states) would overflow on it."""
+
+
 @dataclass(frozen=True)
 class Trajectory:
     """A batch of episodes, padded to a common length.
@@ -54,7 +60,9 @@ class Trajectory:
         actions: ``[B, T, act_dim]`` float32.
         rewards: ``[B, T]`` float32, or ``None`` for reward-free experience.
         successes: ``[B, T]`` bool, the environment's success flag per step.
-        mask: ``[B, T]`` bool, True on real steps; each row is a prefix of Trues.
+        mask: ``[B, T]`` bool, True on real steps; each row is a prefix of Trues. On real steps
+            observations, actions and rewards must be finite and within ``VALUE_LIMIT``; padding
+            steps may hold anything (NaN too) and never reach a network.
         tasks: One :class:`TaskInfo` per episode.
         frames: Optional ``[B, F, C, H, W]`` uint8 frames, rendered every few steps.
         frame_steps: ``[F]`` int64 step index of each frame (required with ``frames``).
@@ -94,12 +102,26 @@ class Trajectory:
         if not bool(self.mask[:, 0].all()) or bool((self.mask[:, 1:] & ~self.mask[:, :-1]).any()):
             raise ValueError("mask must mark a non-empty prefix of each episode")
         for name in ("observations", "actions", "rewards"):
-            value = getattr(self, name)
-            if value is not None and not bool(torch.isfinite(value[self.mask]).all()):
-                raise ValueError(f"{name} contain NaN or infinite values on real steps")
+            self._check_bounded(name)
         if len(self.tasks) != batch:
             raise ValueError(f"got {len(self.tasks)} task infos for {batch} episodes")
         self._check_frames(batch)
+
+    def _check_bounded(self, name: str) -> None:
+        """Refuse NaN, infinite and out-of-range (beyond ``VALUE_LIMIT``) values of ``name`` on real steps."""
+        value = getattr(self, name)
+        if value is None:
+            return
+        # ``<=`` is False for NaN, so one comparison catches NaN, infinities and huge values.
+        bad = ~(value.abs() <= VALUE_LIMIT)
+        bad &= self.mask.view(*self.mask.shape, *(1,) * (value.ndim - 2))
+        if bool(bad.any()):
+            where = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"{name}[{', '.join(map(str, where))}] (episode {where[0]}, step {where[1]}) is {value[where].item()}: real steps "
+                f"(mask True) must hold finite values within +-{VALUE_LIMIT:g}; fix or drop that episode "
+                "(padding steps, mask False, may hold anything)"
+            )
 
     def _check_frames(self, batch: int) -> None:
         if self.frames is None and self.frame_steps is None:
@@ -133,7 +155,7 @@ class Trajectory:
         """``[B]`` float32 undiscounted return over real steps."""
         if self.rewards is None:
             raise ValueError("this Trajectory is reward-free; it has no returns")
-        return (self.rewards * self.mask).sum(dim=1)
+        return torch.where(self.mask, self.rewards, 0.0).sum(dim=1)  # padding may hold NaN
 
     def to(self, device: torch.device | str) -> Trajectory:
         """Return a copy with every tensor on ``device``."""

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,8 +69,6 @@ def test_same_seed_same_bytes_and_zoo_spread(dataset, tmp_path):
 
 
 def test_corruption_and_other_settings_are_detected(dataset, tmp_path):
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(dataset, copy)
     shard = next((copy / "shards").glob("*.h5"))
@@ -82,6 +81,68 @@ def test_corruption_and_other_settings_are_detected(dataset, tmp_path):
         generate(GenerateConfig("toy:reach2d", preset="tiny", seed=1), copy, progress=False)
     with pytest.raises(FileNotFoundError, match="no manifest"):
         ImprovementDataset(tmp_path)
+
+
+@pytest.mark.parametrize("tasks", [-1, 0])
+def test_a_task_count_below_one_is_refused(tasks):
+    with pytest.raises(ValueError, match=f"tasks must be at least 1.*got {tasks}"):
+        GenerateConfig("toy:reach2d", preset="tiny", tasks=tasks)
+
+
+def test_a_folder_holding_other_files_is_refused_untouched(tmp_path):
+    (tmp_path / "shards" / ".cache").mkdir(parents=True)
+    (tmp_path / "shards" / ".cache" / "index").write_text("mine")
+    (tmp_path / "manifest.json").write_text("my manifest")
+    (tmp_path / "zoo.png").write_text("my picture")
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    with pytest.raises(FileExistsError, match=r"holds no dataset \(no generate_config.json; it holds \['manifest.json', 'shards', 'zoo.png'\]"):
+        generate(CONFIG, tmp_path, progress=False)
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
+
+
+def test_rerun_keeps_users_dot_folders_and_removes_only_its_temporaries(dataset, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    (copy / "shards" / ".git").mkdir()
+    (copy / "shards" / ".git" / "HEAD").write_text("mine")
+    killed = copy / "shards" / ".train-0001.h5.x1y2z3_w"  # as a write killed part-way leaves it
+    killed.mkdir()
+    (killed / "partial.h5").write_bytes(b"half")
+    manifest = generate(CONFIG, copy, progress=False)
+    assert manifest["this_run"]["shards_made"] == 0 and checksums(copy) == checksums(dataset)
+    assert (copy / "shards" / ".git" / "HEAD").read_text() == "mine" and not killed.exists()
+    (copy / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match="manifest.json is damaged"):
+        generate(CONFIG, copy, progress=False)
+
+
+def test_bad_shards_are_refused_on_read_and_made_again_on_rerun(dataset, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    first, second, third = sorted((copy / "shards").glob("*.h5"))
+    # another task's shard copied over the third, with the manifest's checksum rewritten to match
+    shutil.copyfile(first, third)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][third.name]["sha256"] = manifest["shards"][first.name]["sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"{third.name} records {{'index': 0}}, where {{'index': 2}} was expected"):
+        ImprovementDataset(copy)
+    # a truncated shard is refused by name, not with h5py's OSError
+    second.write_bytes(second.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=f"shard .*{second.name} is unreadable"):
+        read_manifest(copy, verify=False)
+    raw = bytearray(first.read_bytes())
+    raw[-100] ^= 0xFF
+    first.write_bytes(bytes(raw))
+    capsys.readouterr()
+    rerun = generate(CONFIG, copy, progress=False)
+    printed = capsys.readouterr().out
+    assert f"making {first.name} again: shard {first} is corrupted" in printed
+    assert f"making {second.name} again: shard {second} is unreadable" in printed
+    assert f"making {third.name} again: shard {third} records" in printed
+    assert rerun["this_run"]["shards_made"] == 3
+    assert checksums(copy) == checksums(dataset)
+    read_manifest(copy)
 
 
 def test_sigkill_then_resume_gives_the_same_dataset(dataset, tmp_path):

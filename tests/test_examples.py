@@ -127,5 +127,6 @@ def test_multiprocess_meta_training_with_accelerate_launch(toy_dataset, tmp_path
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     checkpoint = tmp_path / "run" / "checkpoints" / "latest"
-    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["improver.safetensors", "optimizer.safetensors", "progress.json"]
+    assert json.loads((tmp_path / "run" / "improver" / "config.json").read_text())["metadata"]["processes"] == 2
     assert Improver.from_pretrained(tmp_path / "run" / "improver").config.obs_dim == 4

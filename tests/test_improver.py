@@ -1,4 +1,5 @@
 import copy
+import json
 import time
 from dataclasses import replace
 
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from improver.network import NetworkConfig
-from improver.operator import BehaviourPolicy, Improver
+from improver.operator import BehaviourPolicy, Improver, checked
 from improver.policies import MLPPolicy
 from improver.tasks import rollout
 
@@ -143,7 +144,7 @@ def test_behaviour_step_acts_with_the_head(improver, experience):
 def test_bad_input(improver, experience):
     with pytest.raises(ValueError, match="4-d observations"):
         improver.step(MLPPolicy(5, 2), replace(experience, observations=torch.zeros(6, 40, 5)))
-    with pytest.raises(ValueError, match=r"to \[B, 2\] actions; it returned \(3,\)"):
+    with pytest.raises(ValueError, match=r"to \[B, 2\] actions; for a batch of 1 it returned \(1, 3\)"):
         improver.step(MLPPolicy(4, 3), experience)
     with pytest.raises(ValueError, match="recurrent policies are not supported"):
         improver.step(Recurrent(), experience)
@@ -243,3 +244,161 @@ def test_stable_baselines3_policy(improver, experience, toy):
     assert any(not torch.equal(before[k], v) for k, v in model.policy.state_dict().items())
     action, _ = model.predict(experience.observations[0, 0].numpy(), deterministic=True)
     assert action.shape == (2,)
+
+
+def padded(experience, fill):
+    """``experience`` with episodes cut short (lengths 40, 31, 25, ...) and ``fill`` on every padding step."""
+    lengths = torch.tensor([40, 31, 25, 40, 12, 1])[: experience.num_episodes]
+    mask = torch.arange(experience.observations.shape[1])[None, :] < lengths[:, None]
+    pad = (~mask)[..., None]
+    return replace(
+        experience,
+        observations=experience.observations.masked_fill(pad, fill),
+        actions=experience.actions.masked_fill(pad, fill),
+        rewards=experience.rewards.masked_fill(~mask, fill),
+        successes=experience.successes | ~mask,
+        mask=mask,
+    )
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), 1e30])
+def test_padding_gives_exactly_the_result_of_zero_padding(improver, experience, fill):
+    policy = MLPPolicy(4, 2)
+    zeros, garbage = padded(experience, 0.0), padded(experience, fill)
+    assert torch.equal(improver.step(policy, garbage, mode="behaviour").z, improver.step(policy, zeros, mode="behaviour").z)
+    a, b = improver.step(policy, garbage).state_dict(), improver.step(policy, zeros).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_padding_gives_exactly_the_result_of_zero_padding_with_a_ranking_reward(improver, experience, toy):
+    from improver.augment.drex import NoiseLadder, ranked_family
+    from improver.augment.ranking_reward import RewardModelConfig, train_reward_model
+
+    family = ranked_family(toy.expert, toy.tasks("train")[:2], NoiseLadder((1.0, 0.0)), 1, seed=0)
+    with_rm = copy.deepcopy(improver)
+    with_rm.reward_model = train_reward_model(family.trajectory, family.ranks, RewardModelConfig(steps=2, pairs=20, snippet=(5, 10)), progress=False)
+    zeros, garbage = (replace(padded(experience, fill), rewards=None) for fill in (0.0, float("nan")))
+    assert torch.equal(with_rm.reward_model.predict(garbage), with_rm.reward_model.predict(zeros))
+    policy = MLPPolicy(4, 2)
+    assert torch.equal(with_rm.step(policy, garbage, mode="behaviour").z, with_rm.step(policy, zeros, mode="behaviour").z)
+
+
+def test_a_step_that_would_return_non_finite_weights_or_actions_raises(improver, experience):
+    broken = copy.deepcopy(improver)
+    with torch.no_grad():
+        broken.net.head.net[-1].bias.fill_(float("nan"))
+    policy = MLPPolicy(4, 2)
+    before = copy.deepcopy(policy.state_dict())
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite weights \(net\.head\.net\.4\.bias\); the input policy is unchanged"):
+        broken.step(policy, experience, mode="behaviour")
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite weights \(net\.0\.weight"):
+        broken.step(policy, experience)
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    overflowing = nn.Linear(4, 2)  # finite weights whose actions overflow to infinity
+    with torch.no_grad():
+        overflowing.weight.fill_(3e38)
+    with pytest.raises(FloatingPointError, match="infinite actions on the experience's states"):
+        checked(overflowing, torch.full((5, 4), 10.0))
+
+
+def test_a_policy_with_non_finite_actions_is_refused(improver, experience):
+    with pytest.raises(ValueError, match="the policy returned NaN, infinite or huge"):
+        improver.step(lambda obs: torch.full((len(obs), 2), float("nan")), experience, mode="behaviour")
+
+
+class BatchNormPolicy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2), nn.Tanh())
+
+    def forward(self, obs):
+        return self.net(obs)
+
+
+@pytest.mark.parametrize("fit_epochs", [0, 2])
+def test_a_batchnorm_policy_in_train_mode_is_improved_and_left_alone(improver, experience, fit_epochs):
+    policy = BatchNormPolicy().train()
+    policy.net[0].eval()  # a submodule's own flag must come back too
+    flags = [m.training for m in policy.modules()]
+    before = copy.deepcopy(policy.state_dict())
+    fitting = copy.deepcopy(improver)
+    fitting.fit_epochs = fit_epochs
+    fitting.context(policy, experience)
+    behaviour = fitting.step(policy, experience, mode="behaviour")
+    improved = fitting.step(policy, experience)
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())  # running stats and their count too
+    assert [m.training for m in policy.modules()] == flags
+    assert isinstance(behaviour, BehaviourPolicy) and type(improved) is BatchNormPolicy and not improved.training
+    assert any(not torch.equal(before[k], v) for k, v in improved.state_dict().items())
+
+
+@pytest.mark.parametrize("fit_epochs", [0, 2])
+def test_a_frozen_policy_is_distilled_and_a_partly_frozen_one_keeps_its_frozen_part(improver, experience, fit_epochs):
+    fitting = copy.deepcopy(improver)
+    fitting.fit_epochs = fit_epochs
+    frozen = MLPPolicy(4, 2).requires_grad_(False)
+    improved = fitting.step(frozen, experience)
+    assert not any(p.requires_grad for p in frozen.parameters()) and not any(p.requires_grad for p in improved.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(frozen.parameters(), improved.parameters()))
+    partly = MLPPolicy(4, 2)
+    partly.net[0].requires_grad_(False)
+    improved = fitting.step(partly, experience)
+    assert torch.equal(improved.net[0].weight, partly.net[0].weight) and not improved.net[0].weight.requires_grad
+    assert not torch.equal(improved.net[-2].weight, partly.net[-2].weight) and improved.net[-2].weight.requires_grad
+
+
+@pytest.mark.parametrize("fit_epochs", [0, 2])
+def test_step_works_under_inference_mode(improver, toy, fit_epochs):
+    fitting = copy.deepcopy(improver)
+    fitting.fit_epochs = fit_epochs
+    with torch.inference_mode():
+        policy = MLPPolicy(4, 2)
+        experience = rollout(policy, toy.tasks("test")[:2], 1, progress=False)
+        improved = fitting.step(policy, experience)
+        behaviour = fitting.step(policy, experience, mode="behaviour")
+        actions = behaviour(experience.observations[:, 0])
+    assert type(improved) is MLPPolicy and actions.shape == (2, 2)
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), improved.parameters()))
+
+
+def test_a_plain_function_needs_behaviour_mode(improver, experience):
+    def function(obs):
+        return torch.zeros(len(obs), 2)
+
+    with pytest.raises(TypeError, match="needs an nn.Module with parameters; got a function without any: use mode='behaviour'"):
+        improver.step(function, experience)
+    with pytest.raises(TypeError, match="got a Tanh without any"):
+        improver.step(nn.Tanh(), experience)
+    assert isinstance(improver.step(function, experience, mode="behaviour"), BehaviourPolicy)
+
+
+def test_a_policy_on_the_meta_device_is_refused(improver, experience):
+    with torch.device("meta"):
+        policy = MLPPolicy(4, 2)
+    for mode in ("parameters", "behaviour"):
+        with pytest.raises(ValueError, match="MLPPolicy policy's parameters are on the meta device .*load its weights first"):
+            improver.step(policy, experience, mode=mode)
+
+
+def test_shipped_usage_is_one_encoder_chunk_so_steps_are_unchanged():
+    """Up to 30 episodes of 500 steps (1,500 tokens, memory 3) the chunked encoder is the single-sequence one."""
+    from improver.step_bench import random_experience
+
+    shipped = Improver.from_pretrained("pretrained/push-v3/improver")
+    experience = random_experience(shipped, episodes=30)
+    policy = MLPPolicy(39, 4)
+    chunked = shipped.step(policy, experience, mode="behaviour").z
+    shipped.net.chunk_tokens = 10**9  # one chunk whatever the size: the encoder as it was
+    assert torch.equal(chunked, shipped.step(policy, experience, mode="behaviour").z)
+
+
+def test_step_benchmark_command_prints_and_writes_time_and_memory(improver, tmp_path, capsys):
+    from improver.cli import main
+
+    improver.save_pretrained(tmp_path / "imp")
+    main(["bench", "step", "--improver", str(tmp_path / "imp"), "--episodes", "3", "--modes", "behaviour", "--steps", "20",
+          "--chunk-tokens", "4", "--out", str(tmp_path / "step.json")])
+    assert "peak MB" in capsys.readouterr().out
+    (row,) = json.loads((tmp_path / "step.json").read_text())["rows"]
+    assert row["episodes"] == 3 and row["mode"] == "behaviour" and row["chunk_tokens"] == 4
+    assert row["seconds"] > 0 and row["peak_mb"] >= row["before_mb"] > 0 and len(row["z"]) == improver.net.context_dim

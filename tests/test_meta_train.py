@@ -1,12 +1,16 @@
+import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from improver.augment.dataset import ImprovementDataset
 from improver.meta_train import MetaTrainConfig, example_loss, fit_normalization, meta_train
@@ -92,8 +96,6 @@ def test_two_processes_take_the_same_step_as_one(toy_dataset, tmp_path):
 
 
 def test_reward_free_meta_training_reads_the_ranking_reward_everywhere(toy_dataset, tmp_path):
-    from dataclasses import replace
-
     from improver.augment.ranking_reward import RewardModelConfig, train_reward_model
 
     data = ImprovementDataset(toy_dataset)
@@ -133,3 +135,124 @@ def test_the_locator_also_learns_from_each_tasks_noise_ladder(toy_dataset, tmp_p
     located = improver.net.locate(ladder).unflatten(-1, (2, -1))
     truth = (torch.tensor(example.lesser.tasks[0].goal) - improver.net.task_mean) / improver.net.task_std
     assert both == pytest.approx((plain + torch.nn.functional.mse_loss(located, truth.expand(2, -1)).item()) / 2, rel=1e-4)
+
+
+SHORT = MetaTrainConfig(steps=2, batch_size=2, distill_states=16, checkpoint_every=1)
+
+
+@pytest.fixture(scope="module")
+def finished_run(toy_dataset, tmp_path_factory):
+    """A run folder of SHORT, finished (with its checkpoint at step 2 and OUT/improver)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    meta_train(fresh_improver(), ImprovementDataset(toy_dataset), SHORT, out, progress=False)
+    return out
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "out")
+    return tmp_path / "out"
+
+
+def snapshot(folder):
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class Planted:
+    """Unpickling this creates the file ``marker``: a stand-in for code a planted pickle would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("folder", ["checkpoints/latest", "checkpoints/previous"])
+def test_a_planted_pickle_is_never_loaded_nor_deleted(finished_run, toy_dataset, tmp_path, folder):
+    out = copy_of(finished_run, tmp_path)
+    (out / folder).mkdir(exist_ok=True)
+    marker = tmp_path / "code-ran"
+    for name in ("custom_checkpoint_0.pkl", "pytorch_model.bin"):
+        (out / folder / name).write_bytes(pickle.dumps(Planted(marker)))
+    with pytest.raises(ValueError, match=f"{folder}.*custom_checkpoint_0.pkl.*did not write"):
+        meta_train(fresh_improver(), ImprovementDataset(toy_dataset), replace(SHORT, steps=3), out, progress=False)
+    assert not marker.exists()
+    assert (out / folder / "custom_checkpoint_0.pkl").is_file() and (out / folder / "pytorch_model.bin").is_file()
+
+
+def test_a_run_folder_of_the_accelerate_format_is_refused(toy_dataset, tmp_path):
+    out = tmp_path / "old"
+    (out / "checkpoints" / "latest").mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    (out / "checkpoints" / "latest" / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    with pytest.raises(ValueError, match="older version.*cannot be resumed safely"):
+        meta_train(fresh_improver(), ImprovementDataset(toy_dataset), SHORT, out, progress=False)
+    assert not marker.exists() and not (out / "settings.json").exists()
+
+
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("improver.safetensors", lambda p: p.write_bytes(p.read_bytes()[:100])),
+        ("optimizer.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-10])),
+        ("optimizer.safetensors", lambda p: save_file({"0.exp_avg": torch.zeros(3, 3)}, p)),
+        ("progress.json", lambda p: p.write_text('{"step": ')),
+        ("progress.json", lambda p: p.write_text('{"steps": 2}')),
+    ],
+)
+def test_a_damaged_checkpoint_file_is_a_clear_error(finished_run, toy_dataset, tmp_path, name, damage):
+    out = copy_of(finished_run, tmp_path)
+    damage(out / "checkpoints" / "latest" / name)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=f"latest/{name}"):
+        meta_train(fresh_improver(), ImprovementDataset(toy_dataset), replace(SHORT, steps=3), out, progress=False)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("setting", ["lr", "width", "data"])
+def test_resuming_with_other_settings_is_refused_and_changes_nothing(finished_run, toy_dataset, tmp_path, setting):
+    improver, config, data = fresh_improver(), SHORT, toy_dataset
+    if setting == "lr":
+        config = replace(SHORT, lr=0.01)
+    elif setting == "width":
+        improver = Improver(NetworkConfig(4, 2, width=32), distill_steps=3)
+    else:
+        data = shutil.copytree(toy_dataset, tmp_path / "other-data")
+    before = snapshot(finished_run)
+    with pytest.raises(ValueError, match=f"was started with {setting}=.*this run asks for {setting}=.*use a new --out"):
+        meta_train(improver, ImprovementDataset(data), config, finished_run, progress=False)
+    assert snapshot(finished_run) == before
+
+
+def test_steps_below_the_checkpoint_are_refused(finished_run, toy_dataset):
+    before = snapshot(finished_run)
+    with pytest.raises(ValueError, match="is at step 2; this run asks for steps=1"):
+        meta_train(fresh_improver(), ImprovementDataset(toy_dataset), replace(SHORT, steps=1), finished_run, progress=False)
+    assert snapshot(finished_run) == before
+
+
+def test_extending_the_steps_resumes_to_the_uninterrupted_result(finished_run, toy_dataset, tmp_path):
+    extended = copy_of(finished_run, tmp_path)
+    data = ImprovementDataset(toy_dataset)
+    meta_train(fresh_improver(), data, replace(SHORT, steps=4), extended, progress=False)
+    meta_train(fresh_improver(), data, replace(SHORT, steps=4), tmp_path / "straight", progress=False)
+    for name in ("improver/model.safetensors", "checkpoints/latest/optimizer.safetensors"):
+        a, b = load_file(extended / name), load_file(tmp_path / "straight" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((extended / "settings.json").read_text())["meta_train"]["steps"] == 4
+    assert json.loads((extended / "checkpoints" / "latest" / "progress.json").read_text()) == {"step": 4}
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("batch_size", 0), ("lr", 0.0), ("checkpoint_every", 0), ("distill_states", -1),
+                                          ("distill_weight", -1.0), ("validate_every", -1)])
+def test_bad_meta_training_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"MetaTrainConfig.{field} must be"):
+        MetaTrainConfig(**{field: value})
+
+
+def test_the_command_refuses_zero_steps_before_touching_out(toy_dataset, tmp_path):
+    from improver.cli import main
+
+    with pytest.raises(ValueError, match="MetaTrainConfig.steps must be positive; got 0"):
+        main(["meta-train", "--data", str(toy_dataset), "--out", str(tmp_path / "out"), "--steps", "0", "--width", "16"])
+    assert not (tmp_path / "out").exists()

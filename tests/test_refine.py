@@ -161,7 +161,7 @@ def test_the_aim_offset_moves_the_inferred_goal_and_is_saved(toy, locating, tmp_
     torch.testing.assert_close(improver.net.task_estimate(moved) - improver.net.task_estimate(plain), torch.tensor([0.1, -0.2]))
     improver.save_pretrained(tmp_path / "aimed")
     assert Improver.from_pretrained(tmp_path / "aimed").aim_offset == (0.1, -0.2)
-    with pytest.raises(ValueError, match="one value per goal coordinate"):
+    with pytest.raises(ValueError, match="one finite number per goal coordinate"):
         Improver(NetworkConfig(4, 2, width=16, task_dim=2), aim_offset=(0.1,))
 
 

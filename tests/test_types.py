@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from improver.types import TaskInfo, Trajectory
+from improver.types import VALUE_LIMIT, TaskInfo, Trajectory
 
 
 def info(i: int = 0) -> TaskInfo:
@@ -38,7 +38,7 @@ def test_properties_follow_the_mask():
     [
         (dict(actions=torch.randn(2, 4, 2)), "actions has shape"),
         (dict(observations=torch.randn(2, 5)), r"\[episodes, steps, dim\]"),
-        (dict(rewards=torch.full((2, 5), float("nan"))), "rewards contain NaN"),
+        (dict(rewards=torch.full((2, 5), float("nan"))), r"rewards\[0, 0\] \(episode 0, step 0\) is nan"),
         (dict(successes=torch.zeros(2, 5)), "bool"),
         (dict(mask=torch.tensor([[True, False, True, True, True]] * 2)), "prefix"),
         (dict(tasks=(info(),)), "task infos"),
@@ -51,10 +51,25 @@ def test_bad_input_is_rejected(overrides, message):
         make(**overrides)
 
 
-def test_nan_on_padded_steps_is_allowed():
-    obs = torch.randn(2, 5, 4)
-    obs[0, 4] = float("nan")
-    assert make(lengths=[4, 5], observations=obs).num_episodes == 2
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e30, -2e6])
+@pytest.mark.parametrize("name", ["observations", "actions", "rewards"])
+def test_non_finite_or_huge_values_on_real_steps_are_refused_by_field_episode_and_step(name, value):
+    fields = {"observations": torch.randn(2, 5, 4), "actions": torch.randn(2, 5, 2), "rewards": torch.randn(2, 5)}
+    fields[name][1, 2] = value  # episode 1, step 2: a real step
+    with pytest.raises(ValueError, match=rf"{name}\[1, 2.*\(episode 1, step 2\) is .*within \+-1e\+06"):
+        make(lengths=[3, 4], **fields)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])
+def test_anything_on_padded_steps_is_allowed_and_stays_out_of_returns(value):
+    obs, rewards = torch.randn(2, 5, 4), torch.ones(2, 5)
+    obs[0, 4], rewards[0, 4] = value, value
+    t = make(lengths=[4, 5], observations=obs, rewards=rewards)
+    assert t.returns.tolist() == [4.0, 5.0]
+
+
+def test_values_at_the_limit_are_allowed():
+    assert make(observations=torch.full((2, 5, 4), VALUE_LIMIT), rewards=torch.full((2, 5), -VALUE_LIMIT)).num_episodes == 2
 
 
 def test_reward_free_has_no_returns():

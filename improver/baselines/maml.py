@@ -27,11 +27,12 @@ from typing import Any
 
 import higher
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from improver.io import atomic_path
+from improver.io import FolderKind, atomic_path
+from improver.saved_files import check_keys, load_weights, read_json_object
 from improver.tasks import Task, make_suite
 from improver.types import Trajectory
 
@@ -109,7 +110,7 @@ class MetaSGD(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
         """Write ``model.safetensors`` and ``config.json`` to the folder ``path``, atomically."""
-        with atomic_path(path) as tmp:
+        with atomic_path(path, FolderKind("MAML update", {"config", "metadata"})) as tmp:
             tmp.mkdir()
             save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp / "model.safetensors")
             (tmp / "config.json").write_text(json.dumps({"config": self.config, "metadata": metadata or {}}, indent=2))
@@ -121,10 +122,15 @@ class MetaSGD(nn.Module):
         path = Path(path)
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"{path} is not a saved MAML update: it needs config.json and model.safetensors")
-        config = json.loads((path / "config.json").read_text())["config"]
-        template = nn.ParameterList([nn.Parameter(torch.zeros(s)) for s in config["shapes"]])
-        update = cls(template, config["inner_steps"], config["lr"], config["temperature"], config["noise"])
-        update.load_state_dict(load_file(path / "model.safetensors"))
+        saved = read_json_object(path / "config.json")
+        check_keys(saved, path / "config.json", ("config", "metadata"))
+        try:
+            config = saved["config"]
+            template = nn.ParameterList([nn.Parameter(torch.zeros(s)) for s in config["shapes"]])
+            update = cls(template, config["inner_steps"], config["lr"], config["temperature"], config["noise"])
+        except (TypeError, ValueError, KeyError, RuntimeError) as err:
+            raise ValueError(f"{path / 'config.json'} describes no valid MAML update: {err!r}") from err
+        load_weights(update, path / "model.safetensors")
         return update
 
 
