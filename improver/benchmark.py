@@ -26,7 +26,7 @@ import os
 import platform
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from .baselines import Checkpoint
 from .io import atomic_path
 from .saved_files import read_json_object
 from .loop import improvement_loop
+from .loop_settings import LoopSettings
 from .operator import Improver
 from .policies import load_policy
 from .tasks import Suite, Task, make_suite, rollout
@@ -121,11 +122,16 @@ class BenchConfig:
     contenders: tuple[str, ...] = CONTENDERS
     """Subset of :data:`CONTENDERS` to run."""
     noise: float = 0.3
-    """Gaussian exploration noise of the episodes the improver, BC and MAML learn from."""
-    goal_exploration: float = 0.0
-    """improver-behaviour only: std (goal units) of the per-episode offset of its aim (see improver.loop.GoalSampling)."""
-    wide_goal_exploration: float = 0.0
-    """improver-behaviour only: the aim's offset std after a step whose episodes all failed (0: ``goal_exploration``)."""
+    """Gaussian exploration noise of the episodes the improver, BC and MAML learn from (the protocol's, the same
+    for every contender: not the improver's ``loop_settings.exploration``)."""
+    goal_exploration: float | None = None
+    """improver-behaviour only: std (goal units) of the per-episode offset of its aim (see improver.loop.GoalSampling);
+    default: the improver's (its ``loop_settings``)."""
+    wide_goal_exploration: float | None = None
+    """improver-behaviour only: the aim's offset std after a step whose episodes all failed (0: ``goal_exploration``);
+    default: the improver's."""
+    memory: int | None = None
+    """Improver contenders: each step watches the episodes of the last this many steps; default: the improver's."""
     maml: MamlSettings | None = None
     maml_update: Path | None = None
     """A MAML update saved by an earlier run (``OUT/maml_update``) to use instead of meta-training one."""
@@ -134,8 +140,13 @@ class BenchConfig:
     ppo_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra arguments of SB3's ``PPO``."""
 
+    def with_loop_settings(self, settings: LoopSettings) -> BenchConfig:
+        """A copy whose loop settings left ``None`` are those of ``settings`` (in behaviour mode), checked."""
+        chosen = settings.overridden("behaviour", None, self.goal_exploration, self.wide_goal_exploration, self.memory)
+        return replace(self, goal_exploration=chosen.goal_exploration, wide_goal_exploration=chosen.wide_goal_exploration, memory=chosen.memory)
+
     def resolved(self) -> BenchConfig:
-        """A copy with the preset's values filled in and every field checked."""
+        """A copy with the preset's values filled in and every field checked (the loop settings: see :meth:`with_loop_settings`)."""
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         p = PRESETS[self.preset]
@@ -264,7 +275,7 @@ def _improver_rows(improver: Improver, start: Start, mode: str, seed: int, confi
     aims = (config.goal_exploration, config.wide_goal_exploration) if mode == "behaviour" else (0.0, 0.0)
     for state in improvement_loop(
         improver, start.policy, start.tasks, steps, episodes, seed=seed, mode=mode, exploration=config.noise,
-        goal_exploration=aims[0], wide_goal_exploration=aims[1],
+        goal_exploration=aims[0], wide_goal_exploration=aims[1], memory=config.memory,
     ):
         checkpoints.append(Checkpoint(state.policy, learned, state.metrics["wall_s"]))
         learned = state.metrics["env_steps"]
@@ -471,15 +482,17 @@ def run_benchmark(config: BenchConfig, out: Path, progress: bool = True) -> dict
     if "test" not in suite.splits:
         raise ValueError(f"suite {suite.name!r} has no held-out (test) split to benchmark on")
     starts = load_starts(Path(config.policies), suite, config.max_policies)
-    seeds = [1000 * i for i in range(config.seeds)]  # apart, so that no two seeds share a step's episode seeds
-    units, earlier_wall = _finished_units(out, config, {(s.name, seed) for s in starts for seed in seeds})
-    started -= earlier_wall
     improver = None
     if any(n.startswith("improver-") for n in config.contenders):
         improver = Improver.from_pretrained(config.improver)
         dims = (improver.config.obs_dim, improver.config.act_dim)
         if dims != (suite.observation_dim, suite.action_dim):
             raise ValueError(f"the improver at {config.improver} is for {dims[0]} observations and {dims[1]} actions; {suite.name} has {suite.observation_dim} and {suite.action_dim}")
+    # recorded as used, so that resuming compares the settings actually run with
+    config = config.with_loop_settings(improver.loop_settings if improver is not None else LoopSettings())
+    seeds = [1000 * i for i in range(config.seeds)]  # apart, so that no two seeds share a step's episode seeds
+    units, earlier_wall = _finished_units(out, config, {(s.name, seed) for s in starts for seed in seeds})
+    started -= earlier_wall
     notes = [
         f"Improver: improver.loop.improvement_loop collecting with exploration noise {config.noise} (behaviour mode: goal exploration {config.goal_exploration}, {config.wide_goal_exploration or config.goal_exploration} after a step whose episodes all failed); its policies are scored without noise like every contender's, and its wall time includes collecting its episodes.",
         (
@@ -572,8 +585,8 @@ def _finished_units(out: Path, config: BenchConfig, wanted: set[tuple[str, int]]
     previous = read_json_object(path)
     if not isinstance(previous.get("config"), dict):
         raise ValueError(f"{path} holds no benchmark configuration: it was not written by `improver bench improve`, or was edited")
-    # a setting that an older record lacks had its default then
-    recorded = {**_config_record(BenchConfig()), **previous["config"]}
+    # a setting that an older record lacks had its default then: a bare improver's for the loop settings
+    recorded = {**_config_record(BenchConfig().with_loop_settings(LoopSettings())), **previous["config"]}
     old, new = ({k: v for k, v in c.items() if k not in ("seeds", "max_policies")} for c in (recorded, _config_record(config)))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:

@@ -1,17 +1,45 @@
-"""The ``improver`` command: ``demo``, ``rollout``, ``generate``, ``reward-model``, ``meta-train``, ``refine-locator``, ``improve`` and ``bench``."""
+"""The ``improver`` command: ``demo``, ``rollout``, ``generate``, ``reward-model``, ``meta-train``, ``refine-locator``, ``improve``,
+``starting-policies`` and ``bench``."""
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import tyro
 
 from .io import atomic_path
 from .refine import RefineConfig
+
+if TYPE_CHECKING:
+    from .loop_settings import LoopSettings
+
+
+@dataclass(frozen=True)
+class LoopOverrides:
+    """The improvement loop's settings; each left unset is the improver's own (its saved ``loop_settings``)."""
+
+    mode: Literal["parameters", "behaviour"] | None = None
+    """Distil into the policy's own parameters, or act with the improver's head (default: the improver's)."""
+    exploration: float | None = None
+    """Std of the Gaussian noise on actions while collecting (the improver locates the goal from the spread; default: the improver's)."""
+    goal_exploration: float | None = None
+    """Behaviour mode: std (goal units, e.g. metres) of a per-episode offset of the goal the head aims at (default: the improver's)."""
+    wide_goal_exploration: float | None = None
+    """Behaviour mode: the goal exploration of a step after one whose episodes all failed (0: --goal-exploration; default: the improver's)."""
+    memory: int | None = None
+    """Each step watches the episodes of the last this many steps (default: the improver's)."""
+
+    def applied(self, settings: LoopSettings) -> LoopSettings:
+        """``settings`` with the flags given in their place."""
+        return settings.overridden(**asdict(self))
+
+
+Loop = Annotated[LoopOverrides, tyro.conf.OmitArgPrefixes]
+"""Nested without a prefix, so the flags are --mode, --exploration, ..."""
 
 
 @dataclass
@@ -25,30 +53,18 @@ class Demo:
     """Improvement steps."""
     episodes: int = 10
     """Episodes collected per step and policy."""
-    mode: Literal["parameters", "behaviour"] = "behaviour"
-    """Act with the improver's head, or distil it into each policy's own parameters."""
     out: Path = Path("demo_out")
     """Folder for the summary JSON, the plot and the videos."""
     seed: int = 0
     """Seed of the episodes."""
     video: bool = True
     """Write before/after videos of the first policy."""
-    memory: int = 1
-    """Each step watches the episodes of the last this many steps."""
-    exploration: float = 0.3
-    """Std of the Gaussian noise on actions while collecting (the improver locates the goal from the spread)."""
-    goal_exploration: float = 0.0
-    """Behaviour mode: std (goal units, e.g. metres) of a per-episode offset of the goal the head aims at (push-v3: 0.04)."""
-    wide_goal_exploration: float = 0.0
-    """Behaviour mode: the goal exploration of a step after one whose episodes all failed (0: --goal-exploration)."""
+    loop: Loop = LoopOverrides()
 
     def run(self) -> None:
         from .demo import run_demo
 
-        run_demo(
-            self.pretrained, self.out, self.steps, self.episodes, self.mode, self.seed, self.video, self.memory, self.exploration,
-            self.goal_exploration, self.wide_goal_exploration,
-        )
+        run_demo(self.pretrained, self.out, self.steps, self.episodes, seed=self.seed, video=self.video, **asdict(self.loop))
 
 
 @dataclass
@@ -257,28 +273,19 @@ class Improve:
     """Folder of a saved policy (improver.policies.save_policy)."""
     improver: Path
     """Folder of a trained improver (save_pretrained; e.g. RUN/improver)."""
-    suite: str = "ML1:push-v3"
-    """Suite whose tasks the policy is improved on."""
-    split: Literal["train", "test"] = "test"
-    """Split of the tasks (held-out tasks are `test`)."""
+    suite: str | None = None
+    """Suite whose tasks the policy is improved on (default: the one the policy's record names)."""
+    split: Literal["train", "test"] | None = None
+    """Split of the tasks, held-out tasks are `test` (default: the record's, else `test`)."""
     task_index: int | None = None
-    """One task of the split; default: episodes spread over the whole split."""
+    """One task of the split (default: the record's task if suite and split are the record's, else episodes spread over the whole split)."""
     steps: int = 3
     """Improvement steps."""
     episodes: int = 10
     """Episodes collected per step."""
-    mode: Literal["parameters", "behaviour"] = "parameters"
-    """Distil into the policy's own parameters, or act with the improver's head."""
     seed: int = 0
     """Seed of the episodes."""
-    memory: int = 1
-    """Each step watches the episodes of the last this many steps."""
-    exploration: float = 0.0
-    """Std of the Gaussian noise on actions while collecting (0.3 helps the improver locate hidden goals)."""
-    goal_exploration: float = 0.0
-    """Behaviour mode: std (goal units, e.g. metres) of a per-episode offset of the goal the head aims at (push-v3: 0.04)."""
-    wide_goal_exploration: float = 0.0
-    """Behaviour mode: the goal exploration of a step after one whose episodes all failed (0: --goal-exploration)."""
+    loop: Loop = LoopOverrides()
     out: Path | None = None
     """Save the improved policy here (parameters mode)."""
 
@@ -289,24 +296,57 @@ class Improve:
         from .tasks import make_suite
         from .tasks.evaluation import format_table
 
-        if self.out is not None and self.mode != "parameters":
+        improver = Improver.from_pretrained(self.improver)
+        settings = self.loop.applied(improver.loop_settings)
+        if self.out is not None and settings.mode != "parameters":
             raise ValueError("--out saves the improved policy's own parameters, which only --mode parameters makes; drop --out or use --mode parameters")
-        suite = make_suite(self.suite)
-        tasks = suite.tasks(self.split)
-        if self.task_index is not None:
-            if not 0 <= self.task_index < len(tasks):
-                raise ValueError(f"--task-index {self.task_index} is out of range: {self.suite} has {len(tasks)} {self.split} tasks (0 to {len(tasks) - 1})")
-            tasks = [tasks[self.task_index]]
         policy, record = load_policy(self.policy)
-        improved, rows = improve(
-            Improver.from_pretrained(self.improver), policy, tasks, self.steps, self.episodes, self.seed, self.mode,
-            memory=self.memory, exploration=self.exploration, goal_exploration=self.goal_exploration,
-            wide_goal_exploration=self.wide_goal_exploration,
-        )
+        # the record's task holds only when the suite is the record's own
+        named = record if self.suite is None or self.suite == record.get("suite") else {}
+        suite_name = self.suite or named.get("suite")
+        if suite_name is None:
+            raise ValueError(f"{self.policy}: its record names no suite; give --suite (and --split, --task-index) to say where to improve it")
+        suite = make_suite(suite_name, named.get("suite_seed", 0))
+        split = self.split or named.get("split", "test")
+        tasks = suite.tasks(split)
+        index = self.task_index
+        if index is None and split == named.get("split"):
+            index = named.get("index")
+        if index is not None:
+            if not 0 <= index < len(tasks):
+                raise ValueError(f"--task-index {index} is out of range: {suite_name} has {len(tasks)} {split} tasks (0 to {len(tasks) - 1})")
+            tasks = [tasks[index]]
+        where = f"{suite_name} [{split}]" + (f" #{index}" if index is not None else f", {len(tasks)} tasks")
+        print(f"improving {self.policy} on {where}; loop settings: {settings}")
+        improved, rows = improve(improver, policy, tasks, self.steps, self.episodes, self.seed, **asdict(settings))
         print(format_table(rows))
         if self.out is not None:
             save_policy(improved, self.out, record={**record, "improved_steps": self.steps, "rows": rows})
             print(f"wrote {self.out}")
+
+
+@dataclass
+class StartingPolicies:
+    """Save the lesser policies of a held-out dataset as starting policies (for `improver improve`, `demo` and
+    `bench improve`): each in OUT/<NN>, with a record naming its suite, split, task and seed."""
+
+    data: Path
+    """A held-out dataset (`improver generate --split test`)."""
+    out: Path
+    """Folder for the policies (one subfolder each)."""
+    max_success: float = 0.3
+    """Keep only policies whose recorded success on their task is at most this."""
+    per_task: int | None = None
+    """At most this many per held-out task (default: all that qualify)."""
+    limit: int | None = None
+    """At most this many in all."""
+
+    def run(self) -> None:
+        from .augment.dataset import ImprovementDataset
+        from .demo import export_lesser
+
+        saved = export_lesser(ImprovementDataset(self.data), self.out, self.max_success, self.limit, self.per_task)
+        print(f"wrote {len(saved)} starting policies to {self.out}")
 
 
 @dataclass
@@ -364,10 +404,9 @@ class BenchImprove:
         "improver-behaviour", "improver-parameters", "ppo", "maml", "bc",
     )
     """Which contenders to run."""
-    goal_exploration: float = 0.0
-    """improver-behaviour: std (goal units) of a per-episode offset of the goal its head aims at (push-v3: 0.04)."""
-    wide_goal_exploration: float = 0.0
-    """improver-behaviour: the goal exploration after a step whose episodes all failed (0: --goal-exploration)."""
+    loop: Loop = LoopOverrides()
+    """The improver contenders' loop settings (default: the improver's); --mode is the contenders' choice, and
+    --exploration sets the noise every learning contender collects with (default: the protocol's 0.3)."""
     threads: int | None = None
     """torch threads (default: torch's own choice); 1 on a shared machine."""
 
@@ -376,13 +415,16 @@ class BenchImprove:
 
         from .benchmark import BenchConfig, run_benchmark, summary_lines
 
+        if self.loop.mode is not None:
+            raise ValueError("bench improve runs each improver contender in its own mode: drop --mode and choose with --contenders")
         if self.threads is not None:
             torch.set_num_threads(self.threads)
+        noise = {} if self.loop.exploration is None else {"noise": self.loop.exploration}
         config = BenchConfig(
             suite=self.suite, improver=self.improver, policies=self.policies, data=self.data, preset=self.preset, steps=self.steps,
             episodes=self.episodes, seeds=self.seeds, ppo_multipliers=self.ppo_multipliers, max_policies=self.max_policies,
-            contenders=tuple(self.contenders), maml_update=self.maml_update, goal_exploration=self.goal_exploration,
-            wide_goal_exploration=self.wide_goal_exploration,
+            contenders=tuple(self.contenders), maml_update=self.maml_update, goal_exploration=self.loop.goal_exploration,
+            wide_goal_exploration=self.loop.wide_goal_exploration, memory=self.loop.memory, **noise,
         )
         results = run_benchmark(config, self.out)
         print("\n".join(summary_lines(results)))
@@ -423,7 +465,10 @@ def _write_json(path: Path, data: object) -> None:
     print(f"wrote {path}")
 
 
-COMMANDS = {"demo": Demo, "rollout": Rollout, "generate": Generate, "reward-model": RewardModel, "meta-train": MetaTrain, "refine-locator": RefineLocator, "improve": Improve}
+COMMANDS = {
+    "demo": Demo, "rollout": Rollout, "generate": Generate, "reward-model": RewardModel, "meta-train": MetaTrain,
+    "refine-locator": RefineLocator, "improve": Improve, "starting-policies": StartingPolicies,
+}
 BENCHMARKS = {"rollout": BenchRollout, "improve": BenchImprove, "step": BenchStep}
 
 
@@ -437,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
             COMMANDS,
             prog="improver",
             args=argv,
-            description="policy-improver. Commands: demo, rollout, generate, reward-model, meta-train, refine-locator, improve; benchmarks: `improver bench rollout`, `improver bench improve`, `improver bench step`.",
+            description="policy-improver. Commands: demo, rollout, generate, reward-model, meta-train, refine-locator, improve, starting-policies; benchmarks: `improver bench rollout`, `improver bench improve`, `improver bench step`.",
         )
     command.run()
 

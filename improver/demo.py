@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import matplotlib
 
@@ -20,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
-from .loop import improve, pooled  # noqa: E402
+from .loop import Mode, improve, pooled  # noqa: E402
 from .operator import Improver  # noqa: E402
 from .policies import load_policy, save_policy  # noqa: E402
 from .tasks import RenderConfig, make_suite, rollout  # noqa: E402
@@ -55,14 +56,15 @@ def export_lesser(
 
 
 def run_demo(
-    pretrained: Path, out: Path, steps: int, episodes: int, mode: Literal["parameters", "behaviour"], seed: int, video: bool = True,
-    memory: int = 1, exploration: float = 0.3, goal_exploration: float = 0.0, wide_goal_exploration: float = 0.0,
+    pretrained: Path, out: Path, steps: int = 3, episodes: int = 10, mode: Mode | None = None, seed: int = 0, video: bool = True,
+    memory: int | None = None, exploration: float | None = None, goal_exploration: float | None = None,
+    wide_goal_exploration: float | None = None,
 ) -> dict[str, Any]:
     """Improve every lesser policy of ``pretrained`` for ``steps`` steps of ``episodes`` episodes,
     each step watching the episodes of the last ``memory`` steps, collected with ``exploration``
     noise and, in behaviour mode, ``goal_exploration`` offsets of the aim (``wide_goal_exploration``
-    after a step whose episodes all failed; see
-    :func:`improver.loop.improvement_loop`).
+    after a step whose episodes all failed; see :func:`improver.loop.improvement_loop`).
+    The loop settings left ``None`` are the improver's (its ``loop_settings``).
 
     Prints the per-step table (averaged over the policies) and writes ``out/summary.json``,
     ``out/success_vs_step.png`` and, with ``video``, ``out/before.mp4`` and ``out/after.mp4`` (the
@@ -73,17 +75,15 @@ def run_demo(
     if not folders:
         raise FileNotFoundError(f"{pretrained / 'lesser'} holds no lesser policies (see scripts/train_pretrained.sh)")
     improver = Improver.from_pretrained(pretrained / "improver")
+    settings = improver.loop_settings.overridden(mode, exploration, goal_exploration, wide_goal_exploration, memory)
     runs = []
-    for folder in tqdm(folders, desc=f"improve ({mode})", unit="policy"):
+    for folder in tqdm(folders, desc=f"improve ({settings.mode})", unit="policy"):
         policy, record = load_policy(folder)
         task = make_suite(record["suite"], record["suite_seed"]).tasks(record["split"])[record["index"]]
-        final, rows = improve(
-            improver, policy, task, steps, episodes, seed, mode, memory=memory, exploration=exploration, goal_exploration=goal_exploration,
-            wide_goal_exploration=wide_goal_exploration,
-        )
+        final, rows = improve(improver, policy, task, steps, episodes, seed, **asdict(settings))
         runs.append({"policy": folder.name, "task": f"{task.suite} [{task.split}] #{task.index}", "rows": rows, "env": task, "first": policy, "final": final})
     table = pooled([r["rows"] for r in runs])
-    print(f"{len(runs)} lesser policies on held-out tasks, {episodes} episodes per step, mode {mode}")
+    print(f"{len(runs)} lesser policies on held-out tasks, {episodes} episodes per step, {settings}")
     print(format_table(table))
     out.mkdir(parents=True, exist_ok=True)
     _plot(runs, table, out / "success_vs_step.png")
@@ -94,13 +94,9 @@ def run_demo(
             write_video(out / f"{name}.mp4", episode_frames(filmed), fps=10)
     summary = {
         "pretrained": str(pretrained),
-        "mode": mode,
         "steps": steps,
         "episodes_per_step": episodes,
-        "memory": memory,
-        "exploration": exploration,
-        "goal_exploration": goal_exploration,
-        "wide_goal_exploration": wide_goal_exploration,
+        **asdict(settings),
         "seed": seed,
         "table": table,
         "policies": [{k: r[k] for k in ("policy", "task", "rows")} for r in runs],

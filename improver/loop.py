@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import gymnasium as gym
 import torch
@@ -25,13 +25,12 @@ from tqdm.auto import tqdm
 
 from .augment.noise import Gaussian, NoisyPolicy, derive_seed
 from .io import FolderKind, atomic_path
+from .loop_settings import LoopSettings, Mode
 from .operator import BehaviourPolicy, Improver
 from .policies import POLICY_CLASSES, save_policy
 from .tasks import RenderConfig, Task, rollout
 from .tasks.evaluation import spread
 from .types import TaskInfo, Trajectory
-
-Mode = Literal["parameters", "behaviour"]
 
 
 @dataclass(frozen=True)
@@ -81,12 +80,12 @@ def improvement_loop(
     episodes: int = 10,
     *,
     seed: int = 0,
-    mode: Mode = "parameters",
+    mode: Mode | None = None,
     reward_free: bool = False,
-    memory: int = 1,
-    exploration: float = 0.0,
-    goal_exploration: float = 0.0,
-    wide_goal_exploration: float = 0.0,
+    memory: int | None = None,
+    exploration: float | None = None,
+    goal_exploration: float | None = None,
+    wide_goal_exploration: float | None = None,
     render: RenderConfig | None = None,
     callbacks: Sequence[Callback] = (),
     progress: bool = False,
@@ -96,6 +95,10 @@ def improvement_loop(
     Yields ``steps + 1`` states (step 0 is the starting policy) unless a callback stops it early.
     The improvement of step ``k + 1`` runs when the caller asks for the next state.
 
+    ``mode``, ``memory``, ``exploration``, ``goal_exploration`` and ``wide_goal_exploration``
+    left ``None`` take the improver's :attr:`~improver.operator.Improver.loop_settings`
+    (see :meth:`LoopSettings.overridden`: parameters mode drops the carried goal exploration).
+
     Args:
         improver: A trained improver.
         policy: Any ``nn.Module`` mapping ``[B, obs_dim]`` to ``[B, act_dim]``; never modified.
@@ -104,7 +107,7 @@ def improvement_loop(
         steps: Improvement steps.
         episodes: Episodes collected per step.
         seed: Seed of the episodes (step ``k`` uses ``seed + k``).
-        mode: ``"parameters"`` (a distilled copy of ``policy``) or ``"behaviour"``.
+        mode: ``"parameters"`` (a distilled copy of ``policy``) or ``"behaviour"``; default: the improver's.
         reward_free: Hide the rewards from the improver (its ranking reward model supplies them).
         memory: Each step watches the episodes of the last ``memory`` steps (1: only the current
             policy's, like an RL update; more: earlier policies' too, which spread the states
@@ -131,23 +134,13 @@ def improvement_loop(
     tasks = spread(as_tasks(tasks), episodes)
     if steps < 0:
         raise ValueError(f"steps must be at least 0; got {steps}")
-    if memory < 1:
-        raise ValueError(f"memory must be at least 1 step; got {memory}")
-    if not exploration >= 0.0:
-        raise ValueError(f"exploration must be a non-negative noise level; got {exploration}")
-    if mode not in ("parameters", "behaviour"):
-        raise ValueError(f"mode must be 'parameters' or 'behaviour'; got {mode!r}")
-    if not goal_exploration >= 0.0:
-        raise ValueError(f"goal_exploration must be a non-negative noise level; got {goal_exploration}")
-    if not wide_goal_exploration >= 0.0:
-        raise ValueError(f"wide_goal_exploration must be a non-negative noise level; got {wide_goal_exploration}")
-    if (goal_exploration or wide_goal_exploration) and (mode != "behaviour" or not improver.config.task_dim):
+    # checked here, not in the generator: its body would only raise at the first next()
+    settings = improver.loop_settings.overridden(mode, exploration, goal_exploration, wide_goal_exploration, memory)
+    if (settings.goal_exploration or settings.wide_goal_exploration) and not improver.config.task_dim:
         raise ValueError("goal_exploration needs mode='behaviour' and an improver that infers the goal (task_dim > 0)")
     if render is None and improver.config.use_frames:
         render = RenderConfig()
-    # checked above, here: a generator body would only raise at the first next()
-    goal_noise = (goal_exploration, wide_goal_exploration or goal_exploration)
-    return _run(improver, policy, tasks, steps, seed, mode, reward_free, memory, exploration, goal_noise, render, callbacks, progress)
+    return _run(improver, policy, tasks, steps, seed, settings, reward_free, render, callbacks, progress)
 
 
 def _run(
@@ -156,15 +149,14 @@ def _run(
     tasks: list[Task],
     steps: int,
     seed: int,
-    mode: Mode,
+    settings: LoopSettings,
     reward_free: bool,
-    memory: int,
-    exploration: float,
-    goal_noise: tuple[float, float],
     render: RenderConfig | None,
     callbacks: Sequence[Callback],
     progress: bool,
 ) -> Iterator[LoopStep]:
+    mode, memory, exploration = settings.mode, settings.memory, settings.exploration
+    goal_noise = (settings.goal_exploration, settings.wide_goal_exploration or settings.goal_exploration)
     env_steps, busy, history = 0, 0.0, []
     failed = True  # whether the previous step's episodes all failed
     with tqdm(total=steps + 1, desc=f"improve ({mode})", unit="step", disable=not progress) as bar:
@@ -228,11 +220,12 @@ def improve(
     steps: int = 3,
     episodes: int = 10,
     seed: int = 0,
-    mode: Mode = "parameters",
+    mode: Mode | None = None,
     **options: Any,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Run :func:`improvement_loop` to its end; ``options`` are its keyword arguments
     (``reward_free``, ``memory``, ``exploration``, ``goal_exploration``, ``render``, ``callbacks``, ``progress``).
+    ``mode`` and the loop settings not given are the improver's (``improver.loop_settings``).
 
     Returns the final policy and one row of metrics per step (step 0 is the starting policy):
     success rate, mean return, env steps used so far and wall time.
@@ -317,7 +310,7 @@ def improve_lesser(
     episodes: int = 10,
     *,
     seed: int = 0,
-    mode: Mode = "parameters",
+    mode: Mode | None = None,
     progress: bool = False,
     **options: Any,
 ) -> tuple[list[dict[str, Any]], int]:
@@ -325,7 +318,7 @@ def improve_lesser(
 
     Meant for a held-out dataset (``improver generate --split test``): its zoo policies and tasks
     were never seen in meta-training. ``options`` (``memory``, ``exploration``, ``reward_free``)
-    go to :func:`improve`.
+    go to :func:`improve`; ``mode`` and the settings not given are the improver's.
 
     Returns:
         One row per step averaged over the policies (``success``, ``mean_return``; ``env_steps``
@@ -337,7 +330,7 @@ def improve_lesser(
     from .tasks import make_suite
 
     runs = []
-    for i in tqdm(range(len(dataset)), desc=f"improve lesser ({mode})", unit="policy", disable=not progress):
+    for i in tqdm(range(len(dataset)), desc=f"improve lesser ({mode or improver.loop_settings.mode})", unit="policy", disable=not progress):
         example = dataset.example(i)
         if example.record["success"] > max_success:
             continue

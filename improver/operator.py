@@ -22,6 +22,7 @@ from torch import nn
 
 from .augment.ranking_reward import load_reward_model, save_reward_model
 from .distill import fit_policy
+from .loop_settings import LoopSettings
 from .io import FolderKind, atomic_path
 from .network import ImprovementNet, NetworkConfig
 from .policies import placement
@@ -30,7 +31,7 @@ from .types import VALUE_LIMIT, Trajectory
 
 FORMAT_VERSION = 1
 CONFIG_KEYS = ("format_version", "network", "distill_steps")
-OPTIONAL_CONFIG_KEYS = ("fit_epochs", "reward_free", "aim_offset", "versions", "metadata")
+OPTIONAL_CONFIG_KEYS = ("fit_epochs", "reward_free", "aim_offset", "loop_settings", "versions", "metadata")
 
 
 PolicyInputs = Literal["observations", "frames"]
@@ -135,10 +136,14 @@ class Improver(nn.Module):
             not the experience carries the environment's rewards, so the scale it learned holds.
         aim_offset: ``[task_dim]`` added to every inferred goal (the goal's units), e.g. as
             :func:`improver.refine.calibrate_aim` chose it on the training tasks; ``None``: zeros.
+        loop_settings: The improvement loop's settings this improver is meant to be used with
+            (saved with it; the defaults of ``improve`` and the commands); ``None``: a bare
+            improver's (parameters mode, no exploration).
     """
 
     def __init__(
-        self, config: NetworkConfig, distill_steps: int = 20, fit_epochs: int = 0, reward_free: bool = False, aim_offset: Sequence[float] | None = None
+        self, config: NetworkConfig, distill_steps: int = 20, fit_epochs: int = 0, reward_free: bool = False, aim_offset: Sequence[float] | None = None,
+        loop_settings: LoopSettings | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("distill_steps", distill_steps), ("fit_epochs", fit_epochs)):
@@ -150,6 +155,12 @@ class Improver(nn.Module):
             len(aim_offset) != config.task_dim or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in aim_offset)
         ):
             raise ValueError(f"aim_offset needs one finite number per goal coordinate ({config.task_dim}); got {aim_offset!r}")
+        loop_settings = LoopSettings() if loop_settings is None else loop_settings
+        if not isinstance(loop_settings, LoopSettings):
+            raise TypeError(f"loop_settings must be an improver.loop_settings.LoopSettings; got {type(loop_settings).__name__}")
+        if (loop_settings.goal_exploration or loop_settings.wide_goal_exploration) and not config.task_dim:
+            raise ValueError("loop_settings with goal exploration need an improver that infers the goal (task_dim > 0)")
+        self.loop_settings = loop_settings
         self.config = config
         self.fit_epochs = fit_epochs
         self.reward_free = reward_free
@@ -326,6 +337,7 @@ class Improver(nn.Module):
             "fit_epochs": self.fit_epochs,
             "reward_free": self.reward_free,
             "aim_offset": list(self.aim_offset),
+            "loop_settings": asdict(self.loop_settings),
             "versions": {p: version(p) for p in ("policy-improver", "torch")},
             "metadata": metadata or {},
         }
@@ -356,7 +368,7 @@ class Improver(nn.Module):
         try:
             improver = cls(
                 NetworkConfig(**config["network"]), config["distill_steps"], config.get("fit_epochs", 0), config.get("reward_free", False),
-                config.get("aim_offset"),
+                config.get("aim_offset"), LoopSettings.from_record(config.get("loop_settings", {}), path / "config.json"),
             )
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path / 'config.json'} describes no valid improver: {err}") from err

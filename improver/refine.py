@@ -34,6 +34,7 @@ from improver.types import Trajectory
 
 from .io import atomic_path
 from .loop import improvement_loop
+from .loop_settings import LoopSettings
 from .meta_train import locate_error, normalized_goal
 from .operator import BehaviourPolicy, Improver
 
@@ -131,7 +132,8 @@ def refine_locator(
     The episodes go to ``out/episodes`` (one file per task: a killed run resumes where it was),
     the refined improver to ``out/improver`` (with ``metadata``, e.g. the source's record). Only the
     locator's parameters change, and with ``config.head_steps`` the behaviour head's (:func:`fit_head`).
-    Processes started with ``accelerate launch`` split the tasks.
+    Processes started with ``accelerate launch`` split the tasks. The refined improver's
+    ``loop_settings`` become those of the loop it was refined in (behaviour mode, ``config``'s exploration).
 
     Returns:
         The refined improver and the locator's mean goal error (in the goal's units) on the
@@ -171,6 +173,10 @@ def refine_locator(
         offset, returns = calibrate_aim(improver, out / "episodes", config.aim_candidates, config.seed, progress and accelerator.is_local_main_process)
         improver.aim_offset = offset
         scores.update({"aim_offset": list(offset), "aim_return_before": returns[0], "aim_return_after": max(returns)})
+    # the refined improver is meant for the loop it was refined in: that loop becomes its default
+    improver.loop_settings = LoopSettings(
+        "behaviour", config.exploration, config.goal_exploration, config.wide_goal_exploration, improver.loop_settings.memory
+    )
     if accelerator.is_main_process:
         improver.save_pretrained(out / "improver", metadata={**(metadata or {}), "refine_locator": asdict(config), "dataset": str(dataset.root), **scores})
     accelerator.wait_for_everyone()

@@ -20,7 +20,6 @@ read -r -a aim_candidates <<< "${AIM_CANDIDATES:-}"
 work=${WORK:-runs/$family}
 out=pretrained/$family
 improver=${IMPROVER:-.venv/bin/improver}
-python=${PYTHON:-.venv/bin/python}
 
 "$improver" generate --suite "ML1:$family" --out "$work/train" --tasks "$train_tasks"
 "$improver" generate --suite "ML1:$family" --split test --out "$work/heldout" --tasks 10
@@ -38,11 +37,4 @@ fi
 rm -rf "$out"
 mkdir -p "$out"
 cp -r "$trained" "$out/improver"
-"$python" - "$work/heldout" "$out/lesser" "$per_task" <<'PY'
-import sys
-from pathlib import Path
-from improver.augment.dataset import ImprovementDataset
-from improver.demo import export_lesser
-per_task = int(sys.argv[3]) if sys.argv[3] else None
-print(f"{len(export_lesser(ImprovementDataset(sys.argv[1]), Path(sys.argv[2]), max_success=0.3, per_task=per_task))} lesser policies")
-PY
+"$improver" starting-policies --data "$work/heldout" --out "$out/lesser" --max-success 0.3 ${per_task:+--per-task "$per_task"}

@@ -174,3 +174,25 @@ def test_a_record_from_before_a_setting_existed_resumes(toy_bench, tmp_path):
     assert run_benchmark(BenchConfig(**config), tmp_path)["per_unit"][0]["marker"] == "kept from the earlier run"
     with pytest.raises(ValueError, match="wide_goal_exploration"):
         run_benchmark(BenchConfig(**config, wide_goal_exploration=0.5), tmp_path)
+
+
+def test_the_improver_contenders_run_with_the_improvers_loop_settings(tmp_path):
+    """Goal exploration and memory left unset are the improver's; the results record the ones used, and resume on them."""
+    from improver.loop_settings import LoopSettings
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        settings = LoopSettings("behaviour", exploration=0.3, goal_exploration=0.1, wide_goal_exploration=0.5)
+        Improver(NetworkConfig(4, 2, width=32, token_stride=1, task_dim=2), distill_steps=5, loop_settings=settings).save_pretrained(tmp_path / "improver")
+        save_policy(MLPPolicy(4, 2), tmp_path / "lesser" / "00", record={"suite": "toy:reach2d", "suite_seed": 0, "split": "test", "index": 0})
+    config = dict(suite="toy:reach2d", improver=tmp_path / "improver", policies=tmp_path / "lesser", preset="tiny", steps=2, contenders=("improver-behaviour",))
+
+    def rows(results):
+        return [(r["success"], r["mean_return"]) for r in results["per_unit"][0]["runs"]["improver-behaviour"]]
+
+    carried = run_benchmark(BenchConfig(**config), tmp_path / "carried")
+    assert {k: carried["config"][k] for k in ("goal_exploration", "wide_goal_exploration", "memory")} == {"goal_exploration": 0.1, "wide_goal_exploration": 0.5, "memory": 1}
+    narrow = run_benchmark(BenchConfig(**config, wide_goal_exploration=0.0), tmp_path / "narrow")
+    assert narrow["config"]["wide_goal_exploration"] == 0.0 and rows(narrow) != rows(carried)
+    # the same settings given explicitly are the same run: it resumes
+    assert rows(run_benchmark(BenchConfig(**config, goal_exploration=0.1, wide_goal_exploration=0.5), tmp_path / "carried")) == rows(carried)

@@ -36,3 +36,33 @@ def test_bench_rollout_writes_figures(tmp_path):
     main(["bench", "rollout", "--out", str(tmp_path / "b.json"), "--episodes", "1", "--frames", "5"])
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["raw_env_steps_per_s"] > 0 and result["render_speedup"] > 1
+
+
+@pytest.fixture
+def carrying_improver(tmp_path):
+    """A tiny improver saved with loop settings (behaviour mode, exploration 0.2)."""
+    import torch
+
+    from improver.loop_settings import LoopSettings
+    from improver.network import NetworkConfig
+    from improver.operator import Improver
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        improver = Improver(NetworkConfig(4, 2, width=16, task_dim=2), distill_steps=2, loop_settings=LoopSettings("behaviour", exploration=0.2))
+    return improver.save_pretrained(tmp_path / "improver")
+
+
+def test_improve_reads_the_task_from_the_policys_record_and_the_settings_from_the_improver(carrying_improver, tmp_path, capsys):
+    record = {"suite": "toy:reach2d", "suite_seed": 0, "split": "test", "index": 1}
+    save_policy(MLPPolicy(4, 2), tmp_path / "policy", record=record)
+    args = ["improve", "--policy", str(tmp_path / "policy"), "--improver", str(carrying_improver), "--steps", "1", "--episodes", "2"]
+    main(args)
+    out = capsys.readouterr().out
+    assert "on toy:reach2d [test] #1;" in out and "mode='behaviour', exploration=0.2" in out and "| step" in out
+    main([*args, "--split", "train", "--mode", "parameters", "--exploration", "0"])  # flags override the record and the improver
+    out = capsys.readouterr().out
+    assert "on toy:reach2d [train], " in out and "mode='parameters', exploration=0" in out
+    save_policy(MLPPolicy(4, 2), tmp_path / "anonymous")
+    with pytest.raises(ValueError, match="its record names no suite; give --suite"):
+        main(["improve", "--policy", str(tmp_path / "anonymous"), "--improver", str(carrying_improver)])

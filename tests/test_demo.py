@@ -66,3 +66,31 @@ def test_shipped_improver_and_its_lesser_policies_load(family, policies):
     records = [load_policy(folder)[1] for folder in sorted((root / "lesser").iterdir())]
     assert len(records) == policies
     assert all(r["suite"] == f"ML1:{family}" and r["split"] == "test" and r["zoo"]["success"] <= 0.3 for r in records)
+
+
+def test_demo_runs_with_the_improvers_loop_settings_unless_told_otherwise(pretrained, tmp_path):
+    import shutil
+
+    from improver.loop_settings import LoopSettings
+
+    folder = tmp_path / "pretrained"
+    shutil.copytree(pretrained / "lesser", folder / "lesser")
+    shipped = Improver.from_pretrained(pretrained / "improver")
+    carrying = Improver(shipped.config, distill_steps=2, loop_settings=LoopSettings("behaviour", exploration=0.2, goal_exploration=0.05))
+    carrying.load_state_dict(shipped.state_dict())
+    carrying.save_pretrained(folder / "improver")
+    summary = run_demo(folder, tmp_path / "out", steps=1, episodes=2, video=False)
+    assert (summary["mode"], summary["exploration"], summary["goal_exploration"], summary["memory"]) == ("behaviour", 0.2, 0.05, 1)
+    summary = run_demo(folder, tmp_path / "out", steps=1, episodes=2, mode="parameters", video=False)
+    assert (summary["mode"], summary["exploration"], summary["goal_exploration"]) == ("parameters", 0.2, 0.0)
+
+
+def test_starting_policies_command_saves_the_heldout_lesser_policies(pretrained, tmp_path, capsys):
+    from improver.cli import main
+
+    main(["starting-policies", "--data", str(pretrained / "heldout"), "--out", str(tmp_path / "starts"), "--max-success", "1.0", "--limit", "2"])
+    assert "wrote 2 starting policies" in capsys.readouterr().out
+    _, record = load_policy(tmp_path / "starts" / "01")
+    assert (record["suite"], record["split"]) == ("toy:reach2d", "test") and "index" in record
+    with pytest.raises(ValueError, match="no lesser policy in the dataset has success <= -1"):
+        main(["starting-policies", "--data", str(pretrained / "heldout"), "--out", str(tmp_path / "none"), "--max-success", "-1"])

@@ -402,3 +402,32 @@ def test_step_benchmark_command_prints_and_writes_time_and_memory(improver, tmp_
     (row,) = json.loads((tmp_path / "step.json").read_text())["rows"]
     assert row["episodes"] == 3 and row["mode"] == "behaviour" and row["chunk_tokens"] == 4
     assert row["seconds"] > 0 and row["peak_mb"] >= row["before_mb"] > 0 and len(row["z"]) == improver.net.context_dim
+
+
+def test_loop_settings_travel_with_the_checkpoint(tmp_path):
+    from improver.loop_settings import LoopSettings
+
+    settings = LoopSettings("behaviour", exploration=0.3, goal_exploration=0.04, wide_goal_exploration=0.08, memory=2)
+    Improver(NetworkConfig(4, 2, width=16, task_dim=2), distill_steps=2, loop_settings=settings).save_pretrained(tmp_path / "imp")
+    assert Improver.from_pretrained(tmp_path / "imp").loop_settings == settings
+    # a checkpoint from before the settings existed loads as a bare improver
+    config = json.loads((tmp_path / "imp" / "config.json").read_text())
+    del config["loop_settings"]
+    (tmp_path / "imp" / "config.json").write_text(json.dumps(config))
+    assert Improver.from_pretrained(tmp_path / "imp").loop_settings == LoopSettings("parameters", 0.0, 0.0, 0.0, 1)
+    for bad, message in (({"mode": "fast"}, "mode must be"), ({"speed": 1}, r"unknown keys \['speed'\]"), ({"memory": 0}, "memory must be")):
+        (tmp_path / "imp" / "config.json").write_text(json.dumps({**config, "loop_settings": bad}))
+        with pytest.raises(ValueError, match=message):
+            Improver.from_pretrained(tmp_path / "imp")
+    with pytest.raises(ValueError, match="goal_exploration needs mode='behaviour'"):
+        LoopSettings(goal_exploration=0.04)
+    with pytest.raises(ValueError, match="infers the goal"):
+        Improver(NetworkConfig(4, 2, width=16), loop_settings=settings)
+
+
+def test_shipped_improvers_carry_their_documented_loop_settings():
+    from improver.loop_settings import LoopSettings
+
+    assert Improver.from_pretrained("pretrained/push-v3/improver").loop_settings == LoopSettings("behaviour", 0.3, 0.04, 0.08, 1)
+    assert Improver.from_pretrained("pretrained/reach-v3/improver").loop_settings == LoopSettings("behaviour", 0.3, 0.0, 0.0, 1)
+    assert Improver.from_pretrained("pretrained/pick-place-v3/improver").loop_settings == LoopSettings("behaviour", 0.3, 0.04, 0.08, 1)

@@ -311,3 +311,45 @@ def test_improve_sb3_on_tasks_in_behaviour_mode_distils_by_dagger(improver, toy)
         error = (SB3Actor(model.policy)(states) - teacher(states)).pow(2).mean()
         before = (SB3Actor(untouched.policy)(states) - teacher(states)).pow(2).mean()
     assert error < 0.2 * before
+
+
+def test_the_loop_runs_with_the_improvers_settings_unless_told_otherwise(toy):
+    from improver.loop_settings import LoopSettings
+    from improver.operator import BehaviourPolicy
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        settings = LoopSettings("behaviour", exploration=0.3, goal_exploration=0.5, memory=2)
+        carrying = Improver(NetworkConfig(4, 2, width=32, task_dim=2), distill_steps=5, loop_settings=settings)
+    bare = Improver(NetworkConfig(4, 2, width=32, task_dim=2), distill_steps=5)
+    bare.load_state_dict(carrying.state_dict())
+    tasks, start = toy.tasks("test")[:1], MLPPolicy(4, 2)
+
+    def key(rows):
+        return [(r["success"], r["mean_return"], r["env_steps"]) for r in rows]
+
+    final, rows = improve(carrying, start, tasks, steps=2, episodes=2, seed=1)
+    assert isinstance(final, BehaviourPolicy)
+    assert key(rows) == key(improve(bare, start, tasks, 2, 2, 1, mode="behaviour", exploration=0.3, goal_exploration=0.5, memory=2)[1])
+    assert key(rows) != key(improve(bare, start, tasks, 2, 2, 1, mode="behaviour")[1])
+    # explicit arguments win; parameters mode drops the carried goal exploration, which is behaviour mode's
+    assert key(improve(carrying, start, tasks, 2, 2, 1, exploration=0.0, goal_exploration=0.0, memory=1)[1]) == key(
+        improve(bare, start, tasks, 2, 2, 1, mode="behaviour")[1]
+    )
+    distilled, _ = improve(carrying, start, tasks, steps=1, episodes=2, mode="parameters")
+    assert isinstance(distilled, MLPPolicy)
+    with pytest.raises(ValueError, match="goal_exploration needs mode='behaviour'"):
+        improvement_loop(carrying, start, tasks, mode="parameters", goal_exploration=0.1)
+
+
+def test_the_sb3_callback_collects_with_the_improvers_exploration_unless_told_otherwise(toy):
+    pytest.importorskip("stable_baselines3")
+    from improver.integrations.sb3 import ImproverCallback
+    from improver.loop_settings import LoopSettings
+
+    carrying = Improver(NetworkConfig(4, 2, width=16), distill_steps=1, loop_settings=LoopSettings(exploration=0.3))
+    task = toy.tasks("test")[0]
+    assert ImproverCallback(carrying, task).exploration == 0.3
+    assert ImproverCallback(carrying, task, exploration=0.0).exploration == 0.0
+    with pytest.raises(ValueError, match="exploration must be a non-negative noise level"):
+        ImproverCallback(carrying, task, exploration=-1.0)

@@ -5,6 +5,7 @@ from improver.augment.dataset import ImprovementDataset
 from improver.meta_train import MetaTrainConfig, meta_train
 from improver.network import NetworkConfig
 from improver.operator import Improver
+from improver.loop_settings import LoopSettings
 from improver.refine import RefineConfig, refine_locator
 
 
@@ -38,6 +39,8 @@ def test_refining_fits_only_the_locator_to_the_loops_own_episodes(toy_dataset, l
     assert changed and all(name.startswith("locator.") for name in changed)
     reloaded = Improver.from_pretrained(tmp_path / "improver")
     torch.testing.assert_close(reloaded.net.state_dict(), refined.net.state_dict())
+    # it carries the loop it was refined in as its default
+    assert reloaded.loop_settings == LoopSettings("behaviour", CONFIG.exploration, CONFIG.goal_exploration, CONFIG.wide_goal_exploration)
 
     # A rerun (as after a kill) reuses the episodes on disk and fits the same locator.
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "episodes").iterdir()}

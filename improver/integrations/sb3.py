@@ -57,7 +57,7 @@ def improve_sb3_on_tasks(
     episodes: int = 10,
     *,
     seed: int = 0,
-    mode: Mode = "parameters",
+    mode: Mode | None = None,
     dagger_rounds: int = 3,
     callbacks: Sequence[Callback] = (),
     progress: bool = False,
@@ -79,7 +79,8 @@ def improve_sb3_on_tasks(
         model: An SB3 on-policy model (PPO, A2C) with an ``ActorCriticPolicy``.
         tasks: A task, tasks, or a Gymnasium env factory (as in ``improvement_loop``).
         steps, episodes, seed, callbacks, progress: As in ``improvement_loop``.
-        mode: ``"parameters"`` or ``"behaviour"`` (then distilled by DAgger).
+        mode: ``"parameters"`` or ``"behaviour"`` (then distilled by DAgger); default: the improver's
+            (``improver.loop_settings``, which also supply the options not given).
         dagger_rounds: DAgger rounds in behaviour mode.
         **options: More keyword arguments of ``improvement_loop``.
 
@@ -87,6 +88,7 @@ def improve_sb3_on_tasks(
         ``model`` (which keeps predicting, learning and saving as usual) and one metrics row per
         step (and per DAgger round); ``env_steps`` counts every episode collected.
     """
+    mode = mode or improver.loop_settings.mode
     if mode not in ("parameters", "behaviour"):
         raise ValueError(f"mode must be 'parameters' or 'behaviour'; got {mode!r}")
     actor = SB3Actor(model.policy)
@@ -136,12 +138,14 @@ class ImproverCallback(BaseCallback):
         episodes: Episodes watched per improvement step.
         seed: Seed of the collected episodes (the ``k``-th step uses ``seed + k``).
         exploration: Std of the Gaussian noise on the actor's actions in collected episodes (see
-            :func:`improver.loop.improvement_loop`: it spreads the states a hidden goal is located from).
+            :func:`improver.loop.improvement_loop`: it spreads the states a hidden goal is located from);
+            default: the improver's (``improver.loop_settings.exploration``).
         verbose: SB3 verbosity.
     """
 
     def __init__(
-        self, improver: Improver, tasks: Any | None, every: int = 1, episodes: int = 10, seed: int = 0, exploration: float = 0.0, verbose: int = 0
+        self, improver: Improver, tasks: Any | None, every: int = 1, episodes: int = 10, seed: int = 0, exploration: float | None = None,
+        verbose: int = 0,
     ) -> None:
         if BaseCallback is object:
             raise ImportError("ImproverCallback needs stable-baselines3: pip install 'policy-improver[baselines]'")
@@ -149,7 +153,8 @@ class ImproverCallback(BaseCallback):
             raise ValueError(f"every and episodes must be at least 1; got {every} and {episodes}")
         super().__init__(verbose)
         self.improver, self.tasks = improver, None if tasks is None else spread(as_tasks(tasks), episodes)
-        self.every, self.episodes, self.seed, self.exploration = every, episodes, seed, exploration
+        self.every, self.episodes, self.seed = every, episodes, seed
+        self.exploration = improver.loop_settings.overridden(exploration=exploration).exploration
         self.rollouts, self.env_steps = 0, 0
         self.history: list[dict[str, Any]] = []
         self._running: dict[int, list[tuple[np.ndarray, ...]]] = {}  # per env: the steps of its unfinished episode
