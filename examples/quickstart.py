@@ -12,9 +12,7 @@ import torch
 import tyro
 from torch import nn
 
-from improver.loop import improve
-from improver.operator import Improver
-from improver.tasks import make_suite
+import improver
 from improver.tasks.evaluation import format_table
 
 
@@ -47,10 +45,10 @@ class Args:
 
 def main(args: Args) -> tuple[nn.Module, list[dict]]:
     torch.manual_seed(0)
-    improver = Improver.from_pretrained(args.improver)
-    task = make_suite("ML1:reach-v3").tasks("test")[0]  # a goal the improver never trained on
-    policy, rows = improve(improver, MyPolicy(), task, steps=args.steps, episodes=args.episodes, mode=args.mode,
-                           exploration=args.exploration, progress=True)
+    model = improver.Improver.from_pretrained(args.improver)
+    task = improver.make_suite("ML1:reach-v3").tasks("test")[0]  # a goal the improver never trained on
+    policy, rows = improver.improve(model, MyPolicy(), task, steps=args.steps, episodes=args.episodes, mode=args.mode,
+                                    exploration=args.exploration, progress=True)
     print(format_table(rows))
     return policy, rows
 

@@ -87,3 +87,14 @@ def test_cat_pads_steps_and_frames():
     assert int(c.frames[0, 2].sum()) == 0
     with pytest.raises(ValueError, match="with and without frames"):
         Trajectory.cat([a, make()])
+
+
+def test_public_names_import_from_the_package():
+    import improver
+    from improver.loop import improve
+    from improver.operator import Improver
+
+    assert improver.Improver is Improver and improver.improve is improve
+    assert set(improver.__all__) <= set(dir(improver))
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        improver.Nope
