@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from improver.io import FolderKind, atomic_path
-from improver.saved_files import check_keys, load_weights, read_json_object
+from improver.saved_files import check_keys, load_weights, read_json_object, write_weights
 from improver.types import Trajectory
 
 FORMAT_VERSION = 1
@@ -228,7 +227,7 @@ def save_reward_model(model: RewardEnsemble, path: str | os.PathLike) -> Path:
     config = {"format_version": FORMAT_VERSION, "obs_dim": model.obs_dim, "config": asdict(model.config)}
     with atomic_path(path, FolderKind("reward model", {"format_version", "obs_dim", "config"})) as tmp:
         tmp.mkdir()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        write_weights(model.state_dict(), tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return Path(path)
 

@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import gymnasium as gym
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,6 +27,7 @@ from .io import FolderKind, atomic_path
 from .loop_settings import LoopSettings, Mode
 from .operator import BehaviourPolicy, Improver
 from .policies import POLICY_CLASSES, save_policy
+from .saved_files import write_weights
 from .tasks import RenderConfig, Task, rollout
 from .tasks.evaluation import spread
 from .types import TaskInfo, Trajectory
@@ -271,7 +271,7 @@ class Checkpoint:
         else:
             with atomic_path(path, FolderKind("checkpoint", entries={"model.safetensors", "metrics.json"})) as tmp:
                 tmp.mkdir()
-                save_file({k: v.detach().cpu().contiguous() for k, v in state.policy.state_dict().items()}, tmp / "model.safetensors")
+                write_weights(state.policy.state_dict(), tmp / "model.safetensors")
                 (tmp / "metrics.json").write_text(json.dumps(state.metrics, indent=2))
         self.saved.append(path)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,7 +40,7 @@ from improver.types import Trajectory
 from .io import atomic_path
 from .loop import heldout_success
 from .operator import Improver
-from .saved_files import check_keys, read_json_object, read_weights
+from .saved_files import check_keys, cpu_tensors, read_json_object, read_weights, write_weights
 
 SETTINGS = "settings.json"
 SETTINGS_FORMAT = 1
@@ -306,7 +306,7 @@ def run_settings(improver: Improver, dataset: ImprovementDataset, config: MetaTr
             "fit_epochs": improver.fit_epochs,
             "reward_free": improver.reward_free,
             "aim_offset": improver.aim_offset,
-            "reward_model_sha256": None if reward_model is None else hashlib.sha256(save(_cpu_state(reward_model))).hexdigest(),
+            "reward_model_sha256": None if reward_model is None else hashlib.sha256(save(cpu_tensors(reward_model.state_dict()))).hexdigest(),
         },
         "data": {
             "data": str(dataset.root.resolve()),
@@ -414,10 +414,9 @@ def _checkpoint(out: Path, improver: Improver, optimizer: torch.optim.Adam, step
     staging, latest, previous = (out / "checkpoints" / name for name in ("staging", "latest", "previous"))
     _discard(staging)
     staging.mkdir(parents=True)
-    save_file(_cpu_state(improver), staging / "improver.safetensors")
+    write_weights(improver.state_dict(), staging / "improver.safetensors")
     optimizer_state = optimizer.state_dict()["state"]
-    flat = {f"{i}.{name}": value.detach().cpu().contiguous() for i, entries in optimizer_state.items() for name, value in entries.items()}
-    save_file(flat, staging / "optimizer.safetensors")
+    write_weights({f"{i}.{name}": value for i, entries in optimizer_state.items() for name, value in entries.items()}, staging / "optimizer.safetensors")
     (staging / "progress.json").write_text(json.dumps({"step": step}))
     if latest.exists():  # a previous without a latest is the only complete checkpoint: it goes after staging is in place
         _discard(previous)
@@ -433,7 +432,3 @@ def _discard(folder: Path) -> None:
             (folder / name).unlink(missing_ok=True)
         folder.rmdir()
 
-
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module``'s state dict on the CPU, contiguous, as safetensors stores it."""
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}

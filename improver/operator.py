@@ -17,7 +17,6 @@ from typing import Any, Iterator, Literal, Sequence
 
 import higher
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .augment.ranking_reward import load_reward_model, save_reward_model
@@ -26,7 +25,7 @@ from .loop_settings import LoopSettings
 from .io import FolderKind, atomic_path
 from .network import ImprovementNet, NetworkConfig
 from .policies import placement
-from .saved_files import check_keys, load_weights, read_json_object
+from .saved_files import check_keys, load_weights, read_json_object, write_weights
 from .types import VALUE_LIMIT, Trajectory
 
 FORMAT_VERSION = 1
@@ -344,7 +343,7 @@ class Improver(nn.Module):
         kind = FolderKind("improver checkpoint", frozenset(CONFIG_KEYS), optional={"reward_model"})
         with atomic_path(path, kind) as tmp:
             tmp.mkdir()
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("reward_model.")}, tmp / "model.safetensors")
+            write_weights({k: v for k, v in self.state_dict().items() if not k.startswith("reward_model.")}, tmp / "model.safetensors")
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             if self.reward_model is not None:
                 save_reward_model(self.reward_model, tmp / "reward_model")

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .io import FolderKind, atomic_path
-from .saved_files import check_keys, load_weights, read_json_object
+from .saved_files import check_keys, load_weights, read_json_object, write_weights
 
 FORMAT_VERSION = 1
 
@@ -74,7 +73,7 @@ def save_policy(policy: nn.Module, path: str | os.PathLike, record: dict[str, An
     config = {"format_version": FORMAT_VERSION, "class": name, "kwargs": policy.config, "record": record or {}}
     with atomic_path(path, FolderKind("saved policy", {"format_version", "class", "kwargs", "record"})) as tmp:
         tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}, tmp / "model.safetensors")
+        write_weights(policy.state_dict(), tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return Path(path)
 

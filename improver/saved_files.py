@@ -1,4 +1,4 @@
-"""Checked reads of the files the package saves: JSON records and safetensors weights.
+"""The files the package saves: checked reads of JSON records and safetensors weights, and the weights' writer.
 
 Every checkpoint the package reads goes through here, so a damaged, truncated or hand-edited
 file becomes a ``ValueError`` naming the file and what is wrong with it, never a raw parser error
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Collection, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:
@@ -58,6 +58,16 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err}); the file is damaged or truncated: restore or regenerate it") from err
+
+
+def cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` detached, on the CPU and contiguous, as safetensors stores them."""
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+
+
+def write_weights(tensors: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write ``tensors`` (e.g. a state dict, wherever its tensors live) to the safetensors file ``path``; see :func:`read_weights`."""
+    save_file(cpu_tensors(tensors), path)
 
 
 def load_weights(module: torch.nn.Module, path: str | Path) -> None:

@@ -27,12 +27,11 @@ from typing import Any
 
 import higher
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from improver.io import FolderKind, atomic_path
-from improver.saved_files import check_keys, load_weights, read_json_object
+from improver.saved_files import check_keys, load_weights, read_json_object, write_weights
 from improver.tasks import Task, make_suite
 from improver.types import Trajectory
 
@@ -112,7 +111,7 @@ class MetaSGD(nn.Module):
         """Write ``model.safetensors`` and ``config.json`` to the folder ``path``, atomically."""
         with atomic_path(path, FolderKind("MAML update", {"config", "metadata"})) as tmp:
             tmp.mkdir()
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp / "model.safetensors")
+            write_weights(self.state_dict(), tmp / "model.safetensors")
             (tmp / "config.json").write_text(json.dumps({"config": self.config, "metadata": metadata or {}}, indent=2))
         return Path(path)
 
