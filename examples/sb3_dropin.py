@@ -14,7 +14,7 @@ PPO timesteps; the printed curves give env steps with the improver's own episode
 
     python examples/sb3_dropin.py [--timesteps 20000] [--compare]
     python examples/sb3_dropin.py --start pretrained/push-v3/lesser/00 --improver pretrained/push-v3/improver \\
-        --behaviour --goal-exploration 0.04 --wide-goal-exploration 0.08 --n-steps 500 --batch-size 100 --timesteps 50000 \\
+        --behaviour --task-exploration 0.04 --wide-task-exploration 0.08 --n-steps 500 --batch-size 100 --timesteps 50000 \\
         --compare --compare-timesteps 400000 --checks 10000 35000 100000 200000 300000
 """
 
@@ -64,9 +64,9 @@ class Args:
     """Behaviour mode: improvement steps before the distillation."""
     dagger_rounds: int = 3
     """Behaviour mode: DAgger rounds."""
-    goal_exploration: float = 0.0
+    task_exploration: float = 0.0
     """Behaviour mode: goal exploration of the improvement loop (0.04 for push-v3)."""
-    wide_goal_exploration: float = 0.0
+    wide_task_exploration: float = 0.0
     """Behaviour mode: goal exploration after a step whose episodes all failed (0.08 for push-v3)."""
     eval_episodes: int = 10
     """Episodes of each evaluation."""
@@ -120,7 +120,7 @@ def main(args: Args) -> dict:
     if args.behaviour:
         model, improvement = improve_sb3_on_tasks(
             improver, model, task, args.steps, args.episodes, seed=args.seed, mode="behaviour", dagger_rounds=args.dagger_rounds,
-            exploration=args.exploration, goal_exploration=args.goal_exploration, wide_goal_exploration=args.wide_goal_exploration,
+            exploration=args.exploration, task_exploration=args.task_exploration, wide_task_exploration=args.wide_task_exploration,
             progress=True,
         )
         spent = improvement[-1]["env_steps"]

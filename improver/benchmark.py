@@ -44,7 +44,7 @@ from .baselines import Checkpoint
 from .io import atomic_path
 from .saved_files import read_json_object
 from .loop import improvement_loop
-from .loop_settings import LoopSettings
+from .loop_settings import RENAMED, LoopSettings
 from .operator import Improver
 from .policies import load_policy
 from .tasks import Suite, Task, make_suite, rollout
@@ -124,11 +124,11 @@ class BenchConfig:
     noise: float = 0.3
     """Gaussian exploration noise of the episodes the improver, BC and MAML learn from (the protocol's, the same
     for every contender: not the improver's ``loop_settings.exploration``)."""
-    goal_exploration: float | None = None
-    """improver-behaviour only: std (goal units) of the per-episode offset of its aim (see improver.loop.GoalSampling);
+    task_exploration: float | None = None
+    """improver-behaviour only: std (goal units) of the per-episode offset of its aim (see improver.loop.TaskSampling);
     default: the improver's (its ``loop_settings``)."""
-    wide_goal_exploration: float | None = None
-    """improver-behaviour only: the aim's offset std after a step whose episodes all failed (0: ``goal_exploration``);
+    wide_task_exploration: float | None = None
+    """improver-behaviour only: the aim's offset std after a step whose episodes all failed (0: ``task_exploration``);
     default: the improver's."""
     memory: int | None = None
     """Improver contenders: each step watches the episodes of the last this many steps; default: the improver's."""
@@ -142,8 +142,8 @@ class BenchConfig:
 
     def with_loop_settings(self, settings: LoopSettings) -> BenchConfig:
         """A copy whose loop settings left ``None`` are those of ``settings`` (in behaviour mode), checked."""
-        chosen = settings.overridden("behaviour", None, self.goal_exploration, self.wide_goal_exploration, self.memory)
-        return replace(self, goal_exploration=chosen.goal_exploration, wide_goal_exploration=chosen.wide_goal_exploration, memory=chosen.memory)
+        chosen = settings.overridden("behaviour", None, self.task_exploration, self.wide_task_exploration, self.memory)
+        return replace(self, task_exploration=chosen.task_exploration, wide_task_exploration=chosen.wide_task_exploration, memory=chosen.memory)
 
     def resolved(self) -> BenchConfig:
         """A copy with the preset's values filled in and every field checked (the loop settings: see :meth:`with_loop_settings`)."""
@@ -272,10 +272,10 @@ def _improver_rows(improver: Improver, start: Start, mode: str, seed: int, confi
     """
     checkpoints, learned = [], 0
     steps, episodes = config.steps, config.episodes
-    aims = (config.goal_exploration, config.wide_goal_exploration) if mode == "behaviour" else (0.0, 0.0)
+    aims = (config.task_exploration, config.wide_task_exploration) if mode == "behaviour" else (0.0, 0.0)
     for state in improvement_loop(
         improver, start.policy, start.tasks, steps, episodes, seed=seed, mode=mode, exploration=config.noise,
-        goal_exploration=aims[0], wide_goal_exploration=aims[1], memory=config.memory,
+        task_exploration=aims[0], wide_task_exploration=aims[1], memory=config.memory,
     ):
         checkpoints.append(Checkpoint(state.policy, learned, state.metrics["wall_s"]))
         learned = state.metrics["env_steps"]
@@ -494,7 +494,7 @@ def run_benchmark(config: BenchConfig, out: Path, progress: bool = True) -> dict
     units, earlier_wall = _finished_units(out, config, {(s.name, seed) for s in starts for seed in seeds})
     started -= earlier_wall
     notes = [
-        f"Improver: improver.loop.improvement_loop collecting with exploration noise {config.noise} (behaviour mode: goal exploration {config.goal_exploration}, {config.wide_goal_exploration or config.goal_exploration} after a step whose episodes all failed); its policies are scored without noise like every contender's, and its wall time includes collecting its episodes.",
+        f"Improver: improver.loop.improvement_loop collecting with exploration noise {config.noise} (behaviour mode: task exploration {config.task_exploration}, {config.wide_task_exploration or config.task_exploration} after a step whose episodes all failed); its policies are scored without noise like every contender's, and its wall time includes collecting its episodes.",
         (
             "PPO: stable-baselines3 PPO from the starting policy's weights (improver.integrations.sb3.ppo_from_policy), "
             "tanh on the Gaussian mean, one update per episode; its longer run is one run scored at multiples of the improver's budget."
@@ -586,7 +586,7 @@ def _finished_units(out: Path, config: BenchConfig, wanted: set[tuple[str, int]]
     if not isinstance(previous.get("config"), dict):
         raise ValueError(f"{path} holds no benchmark configuration: it was not written by `improver bench improve`, or was edited")
     # a setting that an older record lacks had its default then: a bare improver's for the loop settings
-    recorded = {**_config_record(BenchConfig().with_loop_settings(LoopSettings())), **previous["config"]}
+    recorded = {**_config_record(BenchConfig().with_loop_settings(LoopSettings())), **{RENAMED.get(k, k): v for k, v in previous["config"].items()}}
     old, new = ({k: v for k, v in c.items() if k not in ("seeds", "max_policies")} for c in (recorded, _config_record(config)))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:

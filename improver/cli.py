@@ -26,10 +26,10 @@ class LoopOverrides:
     """Distil into the policy's own parameters, or act with the improver's head (default: the improver's)."""
     exploration: float | None = None
     """Std of the Gaussian noise on actions while collecting (the improver locates the goal from the spread; default: the improver's)."""
-    goal_exploration: float | None = None
+    task_exploration: float | None = None
     """Behaviour mode: std (goal units, e.g. metres) of a per-episode offset of the goal the head aims at (default: the improver's)."""
-    wide_goal_exploration: float | None = None
-    """Behaviour mode: the goal exploration of a step after one whose episodes all failed (0: --goal-exploration; default: the improver's)."""
+    wide_task_exploration: float | None = None
+    """Behaviour mode: the task exploration of a step after one whose episodes all failed (0: --task-exploration; default: the improver's)."""
     memory: int | None = None
     """Each step watches the episodes of the last this many steps (default: the improver's)."""
 
@@ -423,8 +423,8 @@ class BenchImprove:
         config = BenchConfig(
             suite=self.suite, improver=self.improver, policies=self.policies, data=self.data, preset=self.preset, steps=self.steps,
             episodes=self.episodes, seeds=self.seeds, ppo_multipliers=self.ppo_multipliers, max_policies=self.max_policies,
-            contenders=tuple(self.contenders), maml_update=self.maml_update, goal_exploration=self.loop.goal_exploration,
-            wide_goal_exploration=self.loop.wide_goal_exploration, memory=self.loop.memory, **noise,
+            contenders=tuple(self.contenders), maml_update=self.maml_update, task_exploration=self.loop.task_exploration,
+            wide_task_exploration=self.loop.wide_task_exploration, memory=self.loop.memory, **noise,
         )
         results = run_benchmark(config, self.out)
         print("\n".join(summary_lines(results)))

@@ -57,12 +57,12 @@ def export_lesser(
 
 def run_demo(
     pretrained: Path, out: Path, steps: int = 3, episodes: int = 10, mode: Mode | None = None, seed: int = 0, video: bool = True,
-    memory: int | None = None, exploration: float | None = None, goal_exploration: float | None = None,
-    wide_goal_exploration: float | None = None,
+    memory: int | None = None, exploration: float | None = None, task_exploration: float | None = None,
+    wide_task_exploration: float | None = None,
 ) -> dict[str, Any]:
     """Improve every lesser policy of ``pretrained`` for ``steps`` steps of ``episodes`` episodes,
     each step watching the episodes of the last ``memory`` steps, collected with ``exploration``
-    noise and, in behaviour mode, ``goal_exploration`` offsets of the aim (``wide_goal_exploration``
+    noise and, in behaviour mode, ``task_exploration`` offsets of the aim (``wide_task_exploration``
     after a step whose episodes all failed; see :func:`improver.loop.improvement_loop`).
     The loop settings left ``None`` are the improver's (its ``loop_settings``).
 
@@ -75,7 +75,7 @@ def run_demo(
     if not folders:
         raise FileNotFoundError(f"{pretrained / 'lesser'} holds no lesser policies (see scripts/train_pretrained.sh)")
     improver = Improver.from_pretrained(pretrained / "improver")
-    settings = improver.loop_settings.overridden(mode, exploration, goal_exploration, wide_goal_exploration, memory)
+    settings = improver.loop_settings.overridden(mode, exploration, task_exploration, wide_task_exploration, memory)
     runs = []
     for folder in tqdm(folders, desc=f"improve ({settings.mode})", unit="policy"):
         policy, record = load_policy(folder)

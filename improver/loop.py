@@ -84,8 +84,8 @@ def improvement_loop(
     reward_free: bool = False,
     memory: int | None = None,
     exploration: float | None = None,
-    goal_exploration: float | None = None,
-    wide_goal_exploration: float | None = None,
+    task_exploration: float | None = None,
+    wide_task_exploration: float | None = None,
     render: RenderConfig | None = None,
     callbacks: Sequence[Callback] = (),
     progress: bool = False,
@@ -95,7 +95,7 @@ def improvement_loop(
     Yields ``steps + 1`` states (step 0 is the starting policy) unless a callback stops it early.
     The improvement of step ``k + 1`` runs when the caller asks for the next state.
 
-    ``mode``, ``memory``, ``exploration``, ``goal_exploration`` and ``wide_goal_exploration``
+    ``mode``, ``memory``, ``exploration``, ``task_exploration`` and ``wide_task_exploration``
     left ``None`` take the improver's :attr:`~improver.operator.Improver.loop_settings`
     (see :meth:`LoopSettings.overridden`: parameters mode drops the carried goal exploration).
 
@@ -117,13 +117,13 @@ def improvement_loop(
             what the next step watches and what success is measured on: they spread the visited
             states around the goal the policy aims at, so the next step locates it better
             (reach-v3: success 0.56 after 3 steps without, 1.0 with 0.3).
-        goal_exploration: Behaviour mode only: each episode of steps 1 and on acts as if the
+        task_exploration: Behaviour mode only: each episode of steps 1 and on acts as if the
             inferred goal were moved by Gaussian noise of this standard deviation (in the goal's
-            own units, e.g. metres), seeded per episode (:class:`GoalSampling`). One aim pushes
+            own units, e.g. metres), seeded per episode (:class:`TaskSampling`). One aim pushes
             every episode's object along one line, and distances to points on a line cannot tell
             a goal from its mirror image across it; several aims spread the object around the goal.
-        wide_goal_exploration: Behaviour mode only: goal exploration of a step whose previous step's
-            episodes all failed (0: ``goal_exploration`` always). Near the goal small noise refines
+        wide_task_exploration: Behaviour mode only: goal exploration of a step whose previous step's
+            episodes all failed (0: ``task_exploration`` always). Near the goal small noise refines
             the aim, but a goal far from the first estimate is never reached by it (push-v3, a
             refined locator, 0.04 and 0.08: an edge goal succeeded on 2 of 3 seeds, never with 0.04 alone).
         render: Frames to render while collecting; an improver that watches frames gets the
@@ -135,9 +135,9 @@ def improvement_loop(
     if steps < 0:
         raise ValueError(f"steps must be at least 0; got {steps}")
     # checked here, not in the generator: its body would only raise at the first next()
-    settings = improver.loop_settings.overridden(mode, exploration, goal_exploration, wide_goal_exploration, memory)
-    if (settings.goal_exploration or settings.wide_goal_exploration) and not improver.config.task_dim:
-        raise ValueError("goal_exploration needs mode='behaviour' and an improver that infers the goal (task_dim > 0)")
+    settings = improver.loop_settings.overridden(mode, exploration, task_exploration, wide_task_exploration, memory)
+    if (settings.task_exploration or settings.wide_task_exploration) and not improver.config.task_dim:
+        raise ValueError("task_exploration needs mode='behaviour' and an improver that infers the goal (task_dim > 0)")
     if render is None and improver.config.use_frames:
         render = RenderConfig()
     return _run(improver, policy, tasks, steps, seed, settings, reward_free, render, callbacks, progress)
@@ -156,14 +156,14 @@ def _run(
     progress: bool,
 ) -> Iterator[LoopStep]:
     mode, memory, exploration = settings.mode, settings.memory, settings.exploration
-    goal_noise = (settings.goal_exploration, settings.wide_goal_exploration or settings.goal_exploration)
+    goal_noise = (settings.task_exploration, settings.wide_task_exploration or settings.task_exploration)
     env_steps, busy, history = 0, 0.0, []
     failed = True  # whether the previous step's episodes all failed
     with tqdm(total=steps + 1, desc=f"improve ({mode})", unit="step", disable=not progress) as bar:
         for k in range(steps + 1):
             start = time.perf_counter()
             sigma = goal_noise[failed]
-            actor = GoalSampling(policy, sigma, seed=seed + k) if sigma and isinstance(policy, BehaviourPolicy) else policy
+            actor = TaskSampling(policy, sigma, seed=seed + k) if sigma and isinstance(policy, BehaviourPolicy) else policy
             actor = NoisyPolicy(actor, Gaussian(exploration), seed=seed + k) if exploration else actor
             experience = rollout(actor, tasks, 1, seed=seed + k, render=render, progress=False)
             env_steps += int(experience.lengths.sum())
@@ -189,7 +189,7 @@ def _run(
             busy += time.perf_counter() - start
 
 
-class GoalSampling:
+class TaskSampling:
     """A behaviour-mode policy that, per episode, aims at its inferred goal plus Gaussian noise.
 
     The rollout collector calls :meth:`for_task` once per episode; the offset is drawn from a
@@ -224,7 +224,7 @@ def improve(
     **options: Any,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Run :func:`improvement_loop` to its end; ``options`` are its keyword arguments
-    (``reward_free``, ``memory``, ``exploration``, ``goal_exploration``, ``render``, ``callbacks``, ``progress``).
+    (``reward_free``, ``memory``, ``exploration``, ``task_exploration``, ``render``, ``callbacks``, ``progress``).
     ``mode`` and the loop settings not given are the improver's (``improver.loop_settings``).
 
     Returns the final policy and one row of metrics per step (step 0 is the starting policy):

@@ -13,6 +13,8 @@ from typing import Any, Literal
 from .saved_files import check_keys
 
 Mode = Literal["parameters", "behaviour"]
+RENAMED = {"goal_exploration": "task_exploration", "wide_goal_exploration": "wide_task_exploration"}
+"""Keys of older records and their names now."""
 
 
 @dataclass(frozen=True)
@@ -27,45 +29,45 @@ class LoopSettings:
     mode: Mode = "parameters"
     """``"parameters"`` (a distilled copy of the policy) or ``"behaviour"`` (act with the improver's head)."""
     exploration: float = 0.0
-    """Std of the Gaussian noise on the policy's actions while collecting (spreads the states a goal is located from)."""
-    goal_exploration: float = 0.0
-    """Behaviour mode: std (goal units, e.g. metres) of a per-episode offset of the goal the head aims at."""
-    wide_goal_exploration: float = 0.0
-    """Behaviour mode: the goal exploration of a step after one whose episodes all failed (0: ``goal_exploration``)."""
+    """Std of the Gaussian noise on the policy's actions while collecting (spreads the states the task is inferred from)."""
+    task_exploration: float = 0.0
+    """Behaviour mode: std (in the task parameters' own units) of a per-episode perturbation of the inferred task that the head acts on."""
+    wide_task_exploration: float = 0.0
+    """Behaviour mode: the task exploration of a step after one whose episodes all failed (0: ``task_exploration``)."""
     memory: int = 1
     """Each step watches the episodes of the last this many steps."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("parameters", "behaviour"):
             raise ValueError(f"mode must be 'parameters' or 'behaviour'; got {self.mode!r}")
-        for name in ("exploration", "goal_exploration", "wide_goal_exploration"):
+        for name in ("exploration", "task_exploration", "wide_task_exploration"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0.0):
                 raise ValueError(f"{name} must be a non-negative noise level; got {value!r}")
         if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
             raise ValueError(f"memory must be at least 1 step; got {self.memory!r}")
-        if (self.goal_exploration or self.wide_goal_exploration) and self.mode != "behaviour":
+        if (self.task_exploration or self.wide_task_exploration) and self.mode != "behaviour":
             raise ValueError(
-                f"goal_exploration needs mode='behaviour' (got mode {self.mode!r} with goal exploration "
-                f"{self.goal_exploration}, wide {self.wide_goal_exploration}): use mode='behaviour' or set both to 0"
+                f"task_exploration needs mode='behaviour' (got mode {self.mode!r} with task exploration "
+                f"{self.task_exploration}, wide {self.wide_task_exploration}): use mode='behaviour' or set both to 0"
             )
 
     def overridden(
         self,
         mode: Mode | None = None,
         exploration: float | None = None,
-        goal_exploration: float | None = None,
-        wide_goal_exploration: float | None = None,
+        task_exploration: float | None = None,
+        wide_task_exploration: float | None = None,
         memory: int | None = None,
     ) -> LoopSettings:
         """These settings with every argument that is not ``None`` in place of its own.
 
-        The goal exploration applies to behaviour mode only, so asking for parameters mode drops
-        the carried one (an explicit goal exploration with parameters mode is refused).
+        The task exploration applies to behaviour mode only, so asking for parameters mode drops
+        the carried one (an explicit task exploration with parameters mode is refused).
         """
         chosen = mode or self.mode
-        carried = asdict(self) if chosen == "behaviour" else {**asdict(self), "goal_exploration": 0.0, "wide_goal_exploration": 0.0}
-        given = {"mode": mode, "exploration": exploration, "goal_exploration": goal_exploration, "wide_goal_exploration": wide_goal_exploration, "memory": memory}
+        carried = asdict(self) if chosen == "behaviour" else {**asdict(self), "task_exploration": 0.0, "wide_task_exploration": 0.0}
+        given = {"mode": mode, "exploration": exploration, "task_exploration": task_exploration, "wide_task_exploration": wide_task_exploration, "memory": memory}
         return LoopSettings(**{**carried, **{k: v for k, v in given.items() if v is not None}})
 
     @classmethod
@@ -73,6 +75,8 @@ class LoopSettings:
         """Settings from their JSON record (``asdict``); ``ValueError`` naming ``path`` if it is not one."""
         if not isinstance(record, dict):
             raise ValueError(f"{path}: loop_settings must be a JSON object; got {type(record).__name__}")
+        # Written before task inference had one interface, under the names of the goal locator.
+        record = {RENAMED.get(key, key): value for key, value in record.items()}
         check_keys(record, path, (), [f.name for f in fields(cls)])
         try:
             return cls(**record)

@@ -157,7 +157,7 @@ class Improver(nn.Module):
         loop_settings = LoopSettings() if loop_settings is None else loop_settings
         if not isinstance(loop_settings, LoopSettings):
             raise TypeError(f"loop_settings must be an improver.loop_settings.LoopSettings; got {type(loop_settings).__name__}")
-        if (loop_settings.goal_exploration or loop_settings.wide_goal_exploration) and not config.task_dim:
+        if (loop_settings.task_exploration or loop_settings.wide_task_exploration) and not config.task_dim:
             raise ValueError("loop_settings with goal exploration need an improver that infers the goal (task_dim > 0)")
         self.loop_settings = loop_settings
         self.config = config

@@ -49,10 +49,10 @@ class RefineConfig:
     """Episodes per step."""
     exploration: float = 0.3
     """Action noise while collecting (as in the loop the improver will be used in)."""
-    goal_exploration: float = 0.04
+    task_exploration: float = 0.04
     """Goal exploration while collecting, in the goal's units."""
-    wide_goal_exploration: float = 0.0
-    """Goal exploration of a step whose previous step's episodes all failed (0: ``goal_exploration``):
+    wide_task_exploration: float = 0.0
+    """Goal exploration of a step whose previous step's episodes all failed (0: ``task_exploration``):
     collect under the rule the improver will be used with, so the locator sees the spread it will see."""
     max_success: float = 0.3
     """Each task's loop starts from its first lesser policy with at most this recorded success."""
@@ -106,8 +106,8 @@ def collect_loop_episodes(
         env_task = suite.tasks(info.split)[info.index]
         loop = improvement_loop(
             improver, example.policy, env_task, config.loop_steps, config.episodes, seed=config.seed, mode="behaviour",
-            exploration=config.exploration, goal_exploration=config.goal_exploration,
-            wide_goal_exploration=config.wide_goal_exploration,
+            exploration=config.exploration, task_exploration=config.task_exploration,
+            wide_task_exploration=config.wide_task_exploration,
         )
         with atomic_path(_task_file(folder, task)) as tmp, h5py.File(tmp, "w") as f:
             for state in loop:
@@ -175,7 +175,7 @@ def refine_locator(
         scores.update({"aim_offset": list(offset), "aim_return_before": returns[0], "aim_return_after": max(returns)})
     # the refined improver is meant for the loop it was refined in: that loop becomes its default
     improver.loop_settings = LoopSettings(
-        "behaviour", config.exploration, config.goal_exploration, config.wide_goal_exploration, improver.loop_settings.memory
+        "behaviour", config.exploration, config.task_exploration, config.wide_task_exploration, improver.loop_settings.memory
     )
     if accelerator.is_main_process:
         improver.save_pretrained(out / "improver", metadata={**(metadata or {}), "refine_locator": asdict(config), "dataset": str(dataset.root), **scores})

@@ -5,7 +5,7 @@
 # PER_TASK: keep at most this many lesser policies per held-out task (push-v3 ships 1: its zoo is nearly all <= 30%).
 # REFINE_ROUNDS: rounds of `improver refine-locator` after meta-training (the locator trained on the loop's own episodes).
 # HEAD_STEPS: if above 0, one more round after those that fits only the behaviour head (DAgger, --head-steps).
-# Environment: REFINE_ARGS, loop options of every refinement round (e.g. "--goal-exploration 0.04 --wide-goal-exploration 0.08");
+# Environment: REFINE_ARGS, loop options of every refinement round (e.g. "--task-exploration 0.04 --wide-task-exploration 0.08");
 # LOCATOR_STEPS, the locator's fit steps per round (default 500); AIM_CANDIDATES, offsets the head round tries
 # for the improver's aim_offset (e.g. "-0.04 -0.02 0.02 0.04 0.06"; default: none).
 set -euo pipefail

@@ -140,7 +140,7 @@ def test_a_run_resumes_and_adds_policies_and_seeds(toy_bench, tmp_path, monkeypa
         run_benchmark(BenchConfig(**config, seeds=2, steps=3), tmp_path)
 
 
-def test_wide_goal_exploration_reaches_the_improver_loop(tmp_path):
+def test_wide_task_exploration_reaches_the_improver_loop(tmp_path):
     """The bench's behaviour loop aims with the wide noise after a step whose episodes all failed."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -153,10 +153,10 @@ def test_wide_goal_exploration_reaches_the_improver_loop(tmp_path):
         results = run_benchmark(config, tmp_path / name)
         return results["config"], results["per_unit"][0]["runs"]["improver-behaviour"]
 
-    config, adaptive = behaviour_runs("adaptive", goal_exploration=0.1, wide_goal_exploration=0.5)
-    _, wide = behaviour_runs("wide", goal_exploration=0.5)
-    _, narrow = behaviour_runs("narrow", goal_exploration=0.1)
-    assert (config["goal_exploration"], config["wide_goal_exploration"]) == (0.1, 0.5)
+    config, adaptive = behaviour_runs("adaptive", task_exploration=0.1, wide_task_exploration=0.5)
+    _, wide = behaviour_runs("wide", task_exploration=0.5)
+    _, narrow = behaviour_runs("narrow", task_exploration=0.1)
+    assert (config["task_exploration"], config["wide_task_exploration"]) == (0.1, 0.5)
     assert adaptive[0]["success"] == 0  # the untrained start fails: step 2's policy watched episodes aimed with the wide noise
     key = [(r["success"], r["mean_return"]) for r in adaptive]
     assert key == [(r["success"], r["mean_return"]) for r in wide] and key != [(r["success"], r["mean_return"]) for r in narrow]
@@ -168,12 +168,12 @@ def test_a_record_from_before_a_setting_existed_resumes(toy_bench, tmp_path):
     run_benchmark(BenchConfig(**config), tmp_path)
     path = tmp_path / "results.json"
     record = json.loads(path.read_text())
-    del record["config"]["wide_goal_exploration"]
+    del record["config"]["wide_task_exploration"]
     record["per_unit"][0]["marker"] = "kept from the earlier run"
     path.write_text(json.dumps(record))
     assert run_benchmark(BenchConfig(**config), tmp_path)["per_unit"][0]["marker"] == "kept from the earlier run"
-    with pytest.raises(ValueError, match="wide_goal_exploration"):
-        run_benchmark(BenchConfig(**config, wide_goal_exploration=0.5), tmp_path)
+    with pytest.raises(ValueError, match="wide_task_exploration"):
+        run_benchmark(BenchConfig(**config, wide_task_exploration=0.5), tmp_path)
 
 
 def test_the_improver_contenders_run_with_the_improvers_loop_settings(tmp_path):
@@ -182,7 +182,7 @@ def test_the_improver_contenders_run_with_the_improvers_loop_settings(tmp_path):
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        settings = LoopSettings("behaviour", exploration=0.3, goal_exploration=0.1, wide_goal_exploration=0.5)
+        settings = LoopSettings("behaviour", exploration=0.3, task_exploration=0.1, wide_task_exploration=0.5)
         Improver(NetworkConfig(4, 2, width=32, token_stride=1, task_dim=2), distill_steps=5, loop_settings=settings).save_pretrained(tmp_path / "improver")
         save_policy(MLPPolicy(4, 2), tmp_path / "lesser" / "00", record={"suite": "toy:reach2d", "suite_seed": 0, "split": "test", "index": 0})
     config = dict(suite="toy:reach2d", improver=tmp_path / "improver", policies=tmp_path / "lesser", preset="tiny", steps=2, contenders=("improver-behaviour",))
@@ -191,8 +191,8 @@ def test_the_improver_contenders_run_with_the_improvers_loop_settings(tmp_path):
         return [(r["success"], r["mean_return"]) for r in results["per_unit"][0]["runs"]["improver-behaviour"]]
 
     carried = run_benchmark(BenchConfig(**config), tmp_path / "carried")
-    assert {k: carried["config"][k] for k in ("goal_exploration", "wide_goal_exploration", "memory")} == {"goal_exploration": 0.1, "wide_goal_exploration": 0.5, "memory": 1}
-    narrow = run_benchmark(BenchConfig(**config, wide_goal_exploration=0.0), tmp_path / "narrow")
-    assert narrow["config"]["wide_goal_exploration"] == 0.0 and rows(narrow) != rows(carried)
+    assert {k: carried["config"][k] for k in ("task_exploration", "wide_task_exploration", "memory")} == {"task_exploration": 0.1, "wide_task_exploration": 0.5, "memory": 1}
+    narrow = run_benchmark(BenchConfig(**config, wide_task_exploration=0.0), tmp_path / "narrow")
+    assert narrow["config"]["wide_task_exploration"] == 0.0 and rows(narrow) != rows(carried)
     # the same settings given explicitly are the same run: it resumes
-    assert rows(run_benchmark(BenchConfig(**config, goal_exploration=0.1, wide_goal_exploration=0.5), tmp_path / "carried")) == rows(carried)
+    assert rows(run_benchmark(BenchConfig(**config, task_exploration=0.1, wide_task_exploration=0.5), tmp_path / "carried")) == rows(carried)

@@ -24,7 +24,7 @@ def pretrained(tmp_path_factory):
 
 
 def test_demo_writes_table_plot_and_videos(pretrained, tmp_path, capsys):
-    summary = run_demo(pretrained, tmp_path, steps=2, episodes=3, mode="behaviour", seed=0, goal_exploration=0.05, wide_goal_exploration=0.1)
+    summary = run_demo(pretrained, tmp_path, steps=2, episodes=3, mode="behaviour", seed=0, task_exploration=0.05, wide_task_exploration=0.1)
     printed = capsys.readouterr().out
     assert "| step | success" in printed and "2 lesser policies on held-out tasks" in printed
     table = summary["table"]
@@ -35,7 +35,7 @@ def test_demo_writes_table_plot_and_videos(pretrained, tmp_path, capsys):
     for name in ("success_vs_step.png", "before.mp4", "after.mp4"):
         assert (tmp_path / name).stat().st_size > 1000
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert written["table"] == table and (written["goal_exploration"], written["wide_goal_exploration"]) == (0.05, 0.1)
+    assert written["table"] == table and (written["task_exploration"], written["wide_task_exploration"]) == (0.05, 0.1)
 
 
 def test_export_keeps_only_lesser_policies(pretrained, tmp_path):
@@ -76,13 +76,13 @@ def test_demo_runs_with_the_improvers_loop_settings_unless_told_otherwise(pretra
     folder = tmp_path / "pretrained"
     shutil.copytree(pretrained / "lesser", folder / "lesser")
     shipped = Improver.from_pretrained(pretrained / "improver")
-    carrying = Improver(shipped.config, distill_steps=2, loop_settings=LoopSettings("behaviour", exploration=0.2, goal_exploration=0.05))
+    carrying = Improver(shipped.config, distill_steps=2, loop_settings=LoopSettings("behaviour", exploration=0.2, task_exploration=0.05))
     carrying.load_state_dict(shipped.state_dict())
     carrying.save_pretrained(folder / "improver")
     summary = run_demo(folder, tmp_path / "out", steps=1, episodes=2, video=False)
-    assert (summary["mode"], summary["exploration"], summary["goal_exploration"], summary["memory"]) == ("behaviour", 0.2, 0.05, 1)
+    assert (summary["mode"], summary["exploration"], summary["task_exploration"], summary["memory"]) == ("behaviour", 0.2, 0.05, 1)
     summary = run_demo(folder, tmp_path / "out", steps=1, episodes=2, mode="parameters", video=False)
-    assert (summary["mode"], summary["exploration"], summary["goal_exploration"]) == ("parameters", 0.2, 0.0)
+    assert (summary["mode"], summary["exploration"], summary["task_exploration"]) == ("parameters", 0.2, 0.0)
 
 
 def test_starting_policies_command_saves_the_heldout_lesser_policies(pretrained, tmp_path, capsys):

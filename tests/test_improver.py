@@ -407,7 +407,7 @@ def test_step_benchmark_command_prints_and_writes_time_and_memory(improver, tmp_
 def test_loop_settings_travel_with_the_checkpoint(tmp_path):
     from improver.loop_settings import LoopSettings
 
-    settings = LoopSettings("behaviour", exploration=0.3, goal_exploration=0.04, wide_goal_exploration=0.08, memory=2)
+    settings = LoopSettings("behaviour", exploration=0.3, task_exploration=0.04, wide_task_exploration=0.08, memory=2)
     Improver(NetworkConfig(4, 2, width=16, task_dim=2), distill_steps=2, loop_settings=settings).save_pretrained(tmp_path / "imp")
     assert Improver.from_pretrained(tmp_path / "imp").loop_settings == settings
     # a checkpoint from before the settings existed loads as a bare improver
@@ -419,8 +419,8 @@ def test_loop_settings_travel_with_the_checkpoint(tmp_path):
         (tmp_path / "imp" / "config.json").write_text(json.dumps({**config, "loop_settings": bad}))
         with pytest.raises(ValueError, match=message):
             Improver.from_pretrained(tmp_path / "imp")
-    with pytest.raises(ValueError, match="goal_exploration needs mode='behaviour'"):
-        LoopSettings(goal_exploration=0.04)
+    with pytest.raises(ValueError, match="task_exploration needs mode='behaviour'"):
+        LoopSettings(task_exploration=0.04)
     with pytest.raises(ValueError, match="infers the goal"):
         Improver(NetworkConfig(4, 2, width=16), loop_settings=settings)
 

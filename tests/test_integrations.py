@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from improver.integrations.envs import ContractWrapper, env_task
-from improver.loop import Checkpoint, GoalSampling, JSONLinesLog, LoopStep, StopOnSuccess, TensorBoardLog, improve, improvement_loop
+from improver.loop import Checkpoint, TaskSampling, JSONLinesLog, LoopStep, StopOnSuccess, TensorBoardLog, improve, improvement_loop
 from improver.network import NetworkConfig
 from improver.operator import Improver
 from improver.policies import MLPPolicy, load_policy
@@ -95,20 +95,20 @@ def test_loop_rejects_bad_input(improver, toy):
         improvement_loop(improver, MLPPolicy(4, 2), toy.tasks("test")[:1], exploration=-0.1)
 
 
-def test_goal_exploration_aims_each_episode_elsewhere(toy):
+def test_task_exploration_aims_each_episode_elsewhere(toy):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         locating = Improver(NetworkConfig(4, 2, width=32, task_dim=2), distill_steps=5)
     tasks = toy.tasks("test")[:1]
-    with pytest.raises(ValueError, match="goal_exploration needs mode='behaviour'"):
-        improvement_loop(locating, MLPPolicy(4, 2), tasks, goal_exploration=0.1)
-    with pytest.raises(ValueError, match="goal_exploration needs"):
-        improvement_loop(improver_without_goal(), MLPPolicy(4, 2), tasks, mode="behaviour", goal_exploration=0.1)
+    with pytest.raises(ValueError, match="task_exploration needs mode='behaviour'"):
+        improvement_loop(locating, MLPPolicy(4, 2), tasks, task_exploration=0.1)
+    with pytest.raises(ValueError, match="task_exploration needs"):
+        improvement_loop(improver_without_goal(), MLPPolicy(4, 2), tasks, mode="behaviour", task_exploration=0.1)
     start = MLPPolicy(4, 2)
-    runs = [list(improvement_loop(locating, start, tasks, steps=1, episodes=3, seed=2, mode="behaviour", goal_exploration=0.5)) for _ in range(2)]
+    runs = [list(improvement_loop(locating, start, tasks, steps=1, episodes=3, seed=2, mode="behaviour", task_exploration=0.5)) for _ in range(2)]
     assert torch.equal(runs[0][1].experience.actions, runs[1][1].experience.actions)  # seeded
     behaviour = runs[0][1].policy
-    sampling = GoalSampling(behaviour, 0.5, seed=1)
+    sampling = TaskSampling(behaviour, 0.5, seed=1)
     first = runs[0][1].experience.tasks[0]
     aims = [locating.net.task_estimate(sampling.for_task(first._replace(episode_seed=s)).z) for s in range(3)]
     offsets = torch.stack(aims) - locating.net.task_estimate(behaviour.z)
@@ -118,20 +118,20 @@ def test_goal_exploration_aims_each_episode_elsewhere(toy):
     assert torch.equal(sampling(obs), behaviour(obs))
 
 
-def test_wide_goal_exploration_follows_a_step_where_every_episode_failed(toy):
+def test_wide_task_exploration_follows_a_step_where_every_episode_failed(toy):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         locating = Improver(NetworkConfig(4, 2, width=32, task_dim=2), distill_steps=5)
     tasks, start = toy.tasks("test")[:1], MLPPolicy(4, 2)
-    with pytest.raises(ValueError, match="wide_goal_exploration must be"):
-        improvement_loop(locating, start, tasks, mode="behaviour", wide_goal_exploration=-1.0)
-    with pytest.raises(ValueError, match="goal_exploration needs"):
-        improvement_loop(locating, start, tasks, wide_goal_exploration=0.5)
+    with pytest.raises(ValueError, match="wide_task_exploration must be"):
+        improvement_loop(locating, start, tasks, mode="behaviour", wide_task_exploration=-1.0)
+    with pytest.raises(ValueError, match="task_exploration needs"):
+        improvement_loop(locating, start, tasks, wide_task_exploration=0.5)
 
     def step_one(**goal):
         return list(improvement_loop(locating, start, tasks, steps=1, episodes=3, seed=2, mode="behaviour", **goal))
 
-    adaptive, wide, narrow = step_one(goal_exploration=0.1, wide_goal_exploration=0.5), step_one(goal_exploration=0.5), step_one(goal_exploration=0.1)
+    adaptive, wide, narrow = step_one(task_exploration=0.1, wide_task_exploration=0.5), step_one(task_exploration=0.5), step_one(task_exploration=0.1)
     assert not adaptive[0].experience.success.any()  # the untrained start fails, so step 1 aims with the wide noise
     assert torch.equal(adaptive[1].experience.actions, wide[1].experience.actions)
     assert not torch.equal(adaptive[1].experience.actions, narrow[1].experience.actions)
@@ -319,7 +319,7 @@ def test_the_loop_runs_with_the_improvers_settings_unless_told_otherwise(toy):
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        settings = LoopSettings("behaviour", exploration=0.3, goal_exploration=0.5, memory=2)
+        settings = LoopSettings("behaviour", exploration=0.3, task_exploration=0.5, memory=2)
         carrying = Improver(NetworkConfig(4, 2, width=32, task_dim=2), distill_steps=5, loop_settings=settings)
     bare = Improver(NetworkConfig(4, 2, width=32, task_dim=2), distill_steps=5)
     bare.load_state_dict(carrying.state_dict())
@@ -330,16 +330,16 @@ def test_the_loop_runs_with_the_improvers_settings_unless_told_otherwise(toy):
 
     final, rows = improve(carrying, start, tasks, steps=2, episodes=2, seed=1)
     assert isinstance(final, BehaviourPolicy)
-    assert key(rows) == key(improve(bare, start, tasks, 2, 2, 1, mode="behaviour", exploration=0.3, goal_exploration=0.5, memory=2)[1])
+    assert key(rows) == key(improve(bare, start, tasks, 2, 2, 1, mode="behaviour", exploration=0.3, task_exploration=0.5, memory=2)[1])
     assert key(rows) != key(improve(bare, start, tasks, 2, 2, 1, mode="behaviour")[1])
     # explicit arguments win; parameters mode drops the carried goal exploration, which is behaviour mode's
-    assert key(improve(carrying, start, tasks, 2, 2, 1, exploration=0.0, goal_exploration=0.0, memory=1)[1]) == key(
+    assert key(improve(carrying, start, tasks, 2, 2, 1, exploration=0.0, task_exploration=0.0, memory=1)[1]) == key(
         improve(bare, start, tasks, 2, 2, 1, mode="behaviour")[1]
     )
     distilled, _ = improve(carrying, start, tasks, steps=1, episodes=2, mode="parameters")
     assert isinstance(distilled, MLPPolicy)
-    with pytest.raises(ValueError, match="goal_exploration needs mode='behaviour'"):
-        improvement_loop(carrying, start, tasks, mode="parameters", goal_exploration=0.1)
+    with pytest.raises(ValueError, match="task_exploration needs mode='behaviour'"):
+        improvement_loop(carrying, start, tasks, mode="parameters", task_exploration=0.1)
 
 
 def test_the_sb3_callback_collects_with_the_improvers_exploration_unless_told_otherwise(toy):

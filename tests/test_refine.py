@@ -40,7 +40,7 @@ def test_refining_fits_only_the_locator_to_the_loops_own_episodes(toy_dataset, l
     reloaded = Improver.from_pretrained(tmp_path / "improver")
     torch.testing.assert_close(reloaded.net.state_dict(), refined.net.state_dict())
     # it carries the loop it was refined in as its default
-    assert reloaded.loop_settings == LoopSettings("behaviour", CONFIG.exploration, CONFIG.goal_exploration, CONFIG.wide_goal_exploration)
+    assert reloaded.loop_settings == LoopSettings("behaviour", CONFIG.exploration, CONFIG.task_exploration, CONFIG.wide_task_exploration)
 
     # A rerun (as after a kill) reuses the episodes on disk and fits the same locator.
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "episodes").iterdir()}
@@ -109,12 +109,12 @@ def test_a_reward_free_improver_is_refined_on_its_ranking_rewards(toy_dataset, l
         refine_locator(blind, data, CONFIG, tmp_path / "again", progress=False)
 
 
-def test_refinement_collects_under_the_wide_goal_exploration_rule(toy_dataset, locating, tmp_path):
+def test_refinement_collects_under_the_wide_task_exploration_rule(toy_dataset, locating, tmp_path):
     from improver.refine import _read_steps, collect_loop_episodes
 
     data = ImprovementDataset(toy_dataset)
     narrow = RefineConfig(loop_steps=1, episodes=2, max_success=0.0)
-    wide = RefineConfig(loop_steps=1, episodes=2, max_success=0.0, wide_goal_exploration=0.5)
+    wide = RefineConfig(loop_steps=1, episodes=2, max_success=0.0, wide_task_exploration=0.5)
     for name, config in [("narrow", narrow), ("wide", wide)]:
         collect_loop_episodes(copy_of(locating), data, config, tmp_path / name, progress=False)
     files = sorted(p.name for p in (tmp_path / "narrow").iterdir())

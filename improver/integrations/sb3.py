@@ -70,7 +70,7 @@ def improve_sb3_on_tasks(
 
     - ``mode="parameters"``: the loop steps the model's deterministic actor itself.
     - ``mode="behaviour"``: the loop improves the behaviour (``options`` such as ``exploration``
-      and ``goal_exploration`` go to it), and then :func:`improver.dagger.dagger` distils the final
+      and ``task_exploration`` go to it), and then :func:`improver.dagger.dagger` distils the final
       behaviour policy into the model's actor in ``dagger_rounds`` rounds of ``episodes`` episodes,
       starting from the states of steps 1 and on. Its rows (with ``round``) follow the loop's.
 
