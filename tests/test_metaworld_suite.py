@@ -1,13 +1,18 @@
+import dataclasses
 import pickle
 
 import numpy as np
 import pytest
+from metaworld.policies.sawyer_basketball_v3_policy import SawyerBasketballV3Policy
 from metaworld.policies.sawyer_push_v3_policy import SawyerPushV3Policy
 from metaworld.policies.sawyer_pick_place_v3_policy import SawyerPickPlaceV3Policy
+from metaworld.policies.sawyer_reach_v3_policy import SawyerReachV3Policy
+from metaworld.policies.sawyer_window_open_v3_policy import SawyerWindowOpenV3Policy
 import torch
 
 from improver.tasks import RenderConfig, make_suite, rollout
-from improver.tasks.metaworld_suite import GOAL_SLICE
+from improver.tasks.expert_check import JUMP_LIMIT, expert_check, format_expert_check
+from improver.tasks.metaworld_suite import GOAL_SLICE, MetaWorldExpert, SmoothedPolicy, SmoothPushPolicy
 
 
 def rand_vecs(tasks):
@@ -123,3 +128,110 @@ def test_expert_success_on_held_out_ml1(family):
     suite = make_suite(f"ML1:{family}", seed=0)
     _, rows = evaluate(suite.expert, suite, "test", episodes=20)
     assert rows[0]["success"] >= 0.85
+
+
+class _HoverThenDrop:
+    """A scripted policy of Meta-World's kind: hover 20 cm above the object until the hand is within
+    4 cm of it in xy, then drop onto it (its action jumps by 2 in z at the switch)."""
+
+    def get_action(self, obs):
+        hand, obj = obs[:3], obs[4:7]
+        target = obj + (np.array([0.0, 0.0, 0.2]) if np.linalg.norm(hand[:2] - obj[:2]) > 0.04 else 0.0)
+        return np.append(10.0 * (target - hand), 0.0)
+
+
+def _obs(hand, obj):
+    obs = np.zeros(39)
+    obs[:3], obs[4:7], obs[GOAL_SLICE] = hand, obj, [0.3, 0.8, 0.1]
+    return obs
+
+
+def test_smoothed_policy_is_continuous_at_a_phase_switch():
+    obj = np.array([0.0, 0.7, 0.05])
+    at_switch = _obs(obj + [0.0395, 0.0, 0.1], obj)  # 0.5 mm inside the 4 cm switch
+    nudged = at_switch + np.eye(39)[0] * 1e-3  # 0.5 mm outside
+    raw = _HoverThenDrop()
+    assert np.abs(raw.get_action(nudged) - raw.get_action(at_switch)).max() > 1.5
+    smooth = SmoothedPolicy(raw, scale=0.01, samples=16, seed=0)
+    assert np.abs(smooth.get_action(nudged) - smooth.get_action(at_switch)).max() < 0.3
+    # A ramp: from "drop" to "hover" over a few cm, in steps no larger than a few samples' share.
+    z = np.array([smooth.get_action(_obs(obj + [x, 0.0, 0.1], obj))[2] for x in np.linspace(0.0, 0.08, 81)])
+    assert z[0] < -0.8 and z[-1] > 0.8 and np.abs(np.diff(z)).max() < 0.3
+
+
+def test_smoothed_policy_is_deterministic_and_matches_the_scripted_one_far_from_switches():
+    obj = np.array([0.0, 0.7, 0.05])
+    far = _obs(obj + [0.0, 0.0, 0.02], obj)  # right above the object: 4 cm from the switch
+    first = SmoothedPolicy(_HoverThenDrop(), scale=0.005, seed=3).get_action(far)
+    again = SmoothedPolicy(_HoverThenDrop(), scale=0.005, seed=3)
+    assert np.array_equal(first, again.get_action(far)) and np.array_equal(first, again.get_action(far))
+    np.testing.assert_allclose(first, _HoverThenDrop().get_action(far), atol=1e-9)  # opposite offsets cancel
+    other_seed = SmoothedPolicy(_HoverThenDrop(), scale=0.005, seed=4).get_action(_obs(obj + [0.04, 0.0, 0.1], obj))
+    assert not np.array_equal(other_seed, again.get_action(_obs(obj + [0.04, 0.0, 0.1], obj)))
+
+
+@pytest.mark.filterwarnings("ignore:Constant")  # Meta-World warns that the env clips its actions
+def test_smoothed_policy_rejects_bad_settings_and_leaves_its_input_alone():
+    with pytest.raises(ValueError, match="even"):
+        SmoothedPolicy(_HoverThenDrop(), scale=0.01, samples=5)
+    with pytest.raises(ValueError, match="positive distance"):
+        MetaWorldExpert(smoothing=0.0)
+    door = MetaWorldExpert().policy("door-open-v3")  # Meta-World's door policy edits the observation it reads
+    assert isinstance(door, SmoothedPolicy)
+    obs = _obs([0.0, 0.6, 0.2], [0.1, 0.8, 0.15])
+    before = obs.copy()
+    door.get_action(obs)
+    assert np.array_equal(obs, before)
+
+
+def test_default_expert_smooths_only_families_without_a_smooth_policy():
+    expert = MetaWorldExpert()
+    assert isinstance(expert.policy("push-v3"), SmoothPushPolicy)
+    assert isinstance(expert.policy("reach-v3"), SawyerReachV3Policy)  # no phase switch to smooth
+    assert isinstance(expert.policy("basketball-v3"), SawyerBasketballV3Policy)  # smoothed, it stalls
+    assert isinstance(expert.policy("window-open-v3"), SmoothedPolicy)
+    assert isinstance(expert.raw().policy("push-v3"), SawyerPushV3Policy)
+    assert isinstance(expert.raw().policy("window-open-v3"), SawyerWindowOpenV3Policy)
+
+
+@pytest.mark.filterwarnings("ignore:Constant")  # Meta-World warns that the env clips its actions
+def test_smoothed_metaworld_policy_is_continuous_where_the_scripted_one_switches():
+    # Window-open hovers 30 cm above the window handle until the hand is within 4 cm of it in xy.
+    handle = np.array([0.1, 0.75, 0.2])
+    grip = handle + [-0.03, -0.03, -0.08]
+    line = [_obs(grip + [x, 0.0, 0.1], handle) for x in np.linspace(0.0, 0.08, 81)]  # 1 mm apart, across the switch
+    raw, smooth = MetaWorldExpert(smoothing=None).policy("window-open-v3"), MetaWorldExpert().policy("window-open-v3")
+    raw_z = np.array([np.clip(raw.get_action(obs.copy()), -1, 1)[2] for obs in line])
+    smooth_z = np.array([smooth.get_action(obs)[2] for obs in line])
+    assert np.abs(np.diff(raw_z)).max() == 2.0  # from "drop" to "hover" in one step
+    assert smooth_z[0] == -1.0 and smooth_z[-1] == 1.0 and np.abs(np.diff(smooth_z)).max() <= 0.5
+
+
+def test_expert_check_reports_the_scripted_jump_and_the_smoothed_fix():
+    suite = make_suite("ML1:window-open-v3", seed=0)
+    check = expert_check(suite, tasks=1, episodes=1)["window-open-v3"]
+    assert check.expert.success == check.raw.success == 1.0
+    assert check.raw.jump_max > 1.0 > JUMP_LIMIT > check.expert.jump_max  # the raw switch; the smoothed ramp
+    assert 0 < check.raw.jump_p95 < 0.1 and check.expert.steps > 20
+    assert check.problem is None
+    table = format_expert_check({"window-open-v3": check})
+    assert "window-open-v3" in table and "raw_jump_max" in table
+    raw_suite = dataclasses.replace(suite, expert=MetaWorldExpert().raw())
+    assert "jumps by up to" in expert_check(raw_suite, tasks=1, episodes=1)["window-open-v3"].problem
+
+
+def test_expert_check_on_a_suite_without_a_raw_expert(toy):
+    check = expert_check(toy, tasks=2, episodes=1)["reach2d"]
+    assert check.raw is None and check.problem is None
+    assert check.expert.success == 1.0 and 0 < check.expert.jump_max < 0.05  # a gain of 10 times 1 mm
+    with pytest.raises(ValueError, match="positive"):
+        expert_check(toy, tasks=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["window-open-v3", "coffee-push-v3", "assembly-v3", "bin-picking-v3", "pick-place-wall-v3", "handle-press-v3"])
+def test_smoothed_experts_keep_success_and_lose_their_jumps(family):
+    check = expert_check(make_suite(f"ML1:{family}", seed=0), tasks=5, episodes=2)[family]
+    assert check.expert.success >= check.raw.success - 0.1, check
+    assert check.raw.jump_max > 1.0 > JUMP_LIMIT > check.expert.jump_max, check
+    assert check.problem is None
