@@ -223,7 +223,9 @@ def generate(config: GenerateConfig, out: str | Path, progress: bool = True) -> 
     made = gather_object(made) if state.num_processes > 1 else made
     state.wait_for_everyone()
     manifest = _manifest(out, config, tasks, made, time.perf_counter() - start, state.num_processes)
-    if state.is_main_process:
+    # A rerun that made nothing keeps the manifest (and its run's figures) byte for byte: a
+    # meta-training run is bound to the manifest's SHA-256 and resumes only on the same one.
+    if state.is_main_process and (made or not (out / MANIFEST).exists()):
         write_manifest(out, manifest)
         plot_zoo([z for entry in manifest["shards"].values() for z in entry["zoo"]], out / "zoo.png")
         _print_report(manifest)

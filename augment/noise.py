@@ -4,6 +4,9 @@ Noise is drawn from a ``torch.Generator``. Inside :func:`improver.tasks.rollout`
 :class:`NoisyPolicy` is bound to each episode (``for_task``) with a generator seeded from its
 own seed and the episode's seed, so an episode's noise does not depend on which other episodes
 ran beside it: data generation is reproducible and resumable.
+
+:class:`ExplorationNoise` is the improvement loop's exploration noise, public so that a collection
+loop of your own (Meta-World's evaluation harness, an SB3 callback, ...) gets the same noisy actions.
 """
 
 from __future__ import annotations
@@ -114,9 +117,64 @@ class NoisyPolicy:
         inner = self.policy.for_task(info) if hasattr(self.policy, "for_task") else self.policy
         return NoisyPolicy(inner, self.noises, derive_seed(self.seed, info.episode_seed))
 
+    def for_episode(self, episode_seed: int) -> NoisyPolicy:
+        """A fresh copy for one episode whose noise is seeded by ``episode_seed``, as :meth:`for_task` seeds
+        it; the inner policy is not bound to a task (for a policy that needs none)."""
+        return NoisyPolicy(self.policy, self.noises, derive_seed(self.seed, episode_seed))
+
     def __call__(self, observations: torch.Tensor) -> torch.Tensor:
         # The inner policy may live on another device or dtype than the float32 CPU batch it gets.
         actions = self.policy(observations.to(*placement(self.policy))).to(observations)
         for i, noise in enumerate(self.noises):
             actions, self.states[i] = noise(actions, self.generator, self.states[i])
         return actions.clamp(-1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ExplorationNoise:
+    """The improvement loop's exploration noise, for the loop itself and for collection loops of your own.
+
+    Each action component gets ``N(0, std^2)`` added, then actions are clipped to ``[-1, 1]``; the noise
+    of an episode comes from a generator seeded by ``seed`` and the episode's seed, so it does not depend
+    on the episodes beside it. Step ``k`` of ``improvement_loop(..., seed=s, exploration=std)`` collects
+    with ``ExplorationNoise(std, s + k).wrap(policy)``, which :func:`improver.tasks.rollout` binds to each
+    episode. A loop of your own binds it with :meth:`for_episode` and calls the result once per step::
+
+        noise = ExplorationNoise(std=0.3, seed=0)
+        for episode in range(10):
+            act = noise.for_episode(policy, episode_seed=episode)
+            obs, _ = env.reset()
+            done = False
+            while not done:
+                with torch.no_grad():
+                    action = act(torch.as_tensor(obs, dtype=torch.float32)[None])[0].numpy()  # [act_dim]
+                obs, reward, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+
+    Given the same observations, that episode's actions are bit for bit those ``rollout`` takes with
+    ``noise.wrap(policy)`` on an episode whose seed (``TaskInfo.episode_seed``) is ``episode_seed``.
+
+    Attributes:
+        std: Standard deviation of the noise, in action units (actions span ``[-1, 1]``); 0: no noise.
+        seed: Seed of the noise, mixed with each episode's seed.
+    """
+
+    std: float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_level("std", self.std)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer; got {self.seed!r}")
+
+    def wrap(self, policy: Policy) -> Policy:
+        """``policy`` with this noise, for :func:`improver.tasks.rollout` (which binds it to each episode
+        through ``for_task``); ``policy`` itself when ``std`` is 0."""
+        return NoisyPolicy(policy, Gaussian(self.std), seed=self.seed) if self.std else policy
+
+    def for_episode(self, policy: Policy, episode_seed: int) -> Policy:
+        """``policy`` with the noise of one episode: call it once per step on ``[1, obs_dim]`` observations
+        (``[B, obs_dim]`` draws ``[B, act_dim]`` noise from the one episode's stream); ``policy`` itself when
+        ``std`` is 0. A policy that needs its task (``for_task``) must be bound to it first."""
+        noisy = self.wrap(policy)
+        return noisy.for_episode(episode_seed) if isinstance(noisy, NoisyPolicy) else noisy

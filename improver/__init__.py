@@ -33,6 +33,10 @@ _LAZY = {
     "rollout": "tasks",
     "RenderConfig": "tasks",
     "MetaTrainConfig": "meta_train",
+    "build_improver": "meta_train",
+    "TaskInference": "task_inference",
+    "TrajectoryBuilder": "transitions",
+    "ExplorationNoise": "augment.noise",
 }
 __all__ = ["Policy", "TaskInfo", "Trajectory", "__version__", *_LAZY]
 

@@ -125,10 +125,10 @@ class BenchConfig:
     """Gaussian exploration noise of the episodes the improver, BC and MAML learn from (the protocol's, the same
     for every contender: not the improver's ``loop_settings.exploration``)."""
     task_exploration: float | None = None
-    """improver-behaviour only: std (goal units) of the per-episode offset of its aim (see improver.loop.TaskSampling);
+    """improver-behaviour only: std (task-parameter units) of the per-episode offset of the task it acts on (see improver.loop.TaskSampling);
     default: the improver's (its ``loop_settings``)."""
     wide_task_exploration: float | None = None
-    """improver-behaviour only: the aim's offset std after a step whose episodes all failed (0: ``task_exploration``);
+    """improver-behaviour only: that offset's std after a step whose episodes all failed (0: ``task_exploration``);
     default: the improver's."""
     memory: int | None = None
     """Improver contenders: each step watches the episodes of the last this many steps; default: the improver's."""
@@ -263,23 +263,32 @@ def _scored(
     return rows
 
 
-def _improver_rows(improver: Improver, start: Start, mode: str, seed: int, config: BenchConfig) -> list[dict[str, Any]]:
-    """The loop's policy after each step, scored like every other contender (without noise).
+def improver_rows(
+    improver: Improver, policy: nn.Module, tasks: Sequence[Task], settings: LoopSettings, steps: int, episodes: int, seed: int
+) -> list[dict[str, Any]]:
+    """Run the improvement loop and score its policy after each step like every other contender (without noise).
 
-    The loop collects with exploration ``config.noise`` (and, in behaviour mode, the goal
-    exploration of ``config``: what the next step watches); checkpoint ``k`` learned from the
-    episodes of steps ``0..k-1``.
+    The loop collects with ``settings`` (exploration noise included: what the next step watches);
+    checkpoint ``k`` learned from the episodes of steps ``0..k-1`` and is scored on ``episodes``
+    noise-free episodes of seed ``seed + k`` spread over ``tasks``.
+
+    Returns:
+        One row per step ``0..steps``: ``step``, ``env_steps`` (collected before that checkpoint),
+        ``success``, ``mean_return`` and ``wall_s``.
     """
     checkpoints, learned = [], 0
-    steps, episodes = config.steps, config.episodes
-    aims = (config.task_exploration, config.wide_task_exploration) if mode == "behaviour" else (0.0, 0.0)
-    for state in improvement_loop(
-        improver, start.policy, start.tasks, steps, episodes, seed=seed, mode=mode, exploration=config.noise,
-        task_exploration=aims[0], wide_task_exploration=aims[1], memory=config.memory,
-    ):
+    for state in improvement_loop(improver, policy, list(tasks), steps, episodes, seed=seed, progress=False, **asdict(settings)):
         checkpoints.append(Checkpoint(state.policy, learned, state.metrics["wall_s"]))
         learned = state.metrics["env_steps"]
-    return _scored(checkpoints, start.tasks, episodes, seed)
+    return _scored(checkpoints, tasks, episodes, seed)
+
+
+def _improver_rows(improver: Improver, start: Start, mode: str, seed: int, config: BenchConfig) -> list[dict[str, Any]]:
+    """:func:`improver_rows` with the benchmark's protocol: exploration ``config.noise`` and, in
+    behaviour mode, the task exploration of ``config``."""
+    offsets = (config.task_exploration, config.wide_task_exploration) if mode == "behaviour" else (0.0, 0.0)
+    settings = LoopSettings(mode, config.noise, offsets[0], offsets[1], config.memory)
+    return improver_rows(improver, start.policy, start.tasks, settings, config.steps, config.episodes, seed)
 
 
 def _run_unit(

@@ -1,4 +1,4 @@
-"""The ``improver`` command: ``demo``, ``rollout``, ``generate``, ``reward-model``, ``meta-train``, ``refine-locator``, ``improve``,
+"""The ``improver`` command: ``train``, ``demo``, ``rollout``, ``generate``, ``reward-model``, ``meta-train``, ``refine-locator``, ``improve``, ``metaworld-eval``,
 ``starting-policies`` and ``bench``."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import tyro
 
 from .io import atomic_path
 from .refine import RefineConfig
+from .train import TrainConfig
+from .task_inference import DEFAULT_TASK_INFERENCE, TaskInferenceName
 
 if TYPE_CHECKING:
     from .loop_settings import LoopSettings
@@ -25,9 +27,9 @@ class LoopOverrides:
     mode: Literal["parameters", "behaviour"] | None = None
     """Distil into the policy's own parameters, or act with the improver's head (default: the improver's)."""
     exploration: float | None = None
-    """Std of the Gaussian noise on actions while collecting (the improver locates the goal from the spread; default: the improver's)."""
+    """Std of the Gaussian noise on actions while collecting (the improver infers the task from the spread; default: the improver's)."""
     task_exploration: float | None = None
-    """Behaviour mode: std (goal units, e.g. metres) of a per-episode offset of the goal the head aims at (default: the improver's)."""
+    """Behaviour mode: std (task-parameter units, e.g. metres) of a per-episode offset of the task the head acts on (default: the improver's)."""
     wide_task_exploration: float | None = None
     """Behaviour mode: the task exploration of a step after one whose episodes all failed (0: --task-exploration; default: the improver's)."""
     memory: int | None = None
@@ -182,16 +184,18 @@ class MetaTrain:
     """One experience token every this many steps (1 for short episodes)."""
     distill_steps: int = 20
     """Distillation steps of parameters mode (their sizes are meta-learned)."""
-    distill_weight: float = 1.0
-    """Weight of the distilled policy's error (0: train the behaviour head only, much faster)."""
+    distill_weight: float = 0.0
+    """Weight of the distilled policy's error through the meta-learned distillation steps (0, the recipe of
+    `improver train` and of the shipped improvers: the behaviour head only, much faster; parameters mode
+    then fits the policy to the head's actions with Adam, --fit-epochs)."""
     fit_epochs: int | None = None
     """Parameters mode fits the policy to the head's actions with Adam for this many epochs
     instead of the meta-learned steps (default: 20 with --distill-weight 0, whose steps stay untrained; else 0)."""
     frames: bool = False
     """Watch frames too (the dataset must have them)."""
-    infer_goal: bool = True
-    """Infer the hidden goal from the experience's states and rewards, supervised with the goals
-    in the dataset's task records (see improver.network.GoalLocator)."""
+    task_inference: Literal[TaskInferenceName, "none"] = DEFAULT_TASK_INFERENCE
+    """How the improver infers the hidden task parameters from the experience, supervised with those in the
+    dataset's task records (see improver.task_inference); none: no task inference."""
     seed: int = 0
     """Seed of the weights, example order and state sampling."""
     validation: Path | None = None
@@ -199,34 +203,27 @@ class MetaTrain:
     validate_every: int = 0
     """Steps between validations (0: only at the end)."""
     locate_ranked: bool = True
-    """Also train the goal locator on each task's noise-ladder episodes (not only the lesser policy's)."""
+    """Also train the task inference on each task's noise-ladder episodes (not only the lesser policy's)."""
     reward_model: Path | None = None
     """Meta-train reward-free: this ranking reward model (`improver reward-model`) scores the
     experience in place of the environment's rewards, in training and at every step after."""
 
     def run(self) -> None:
-        import torch
-
         from .augment.dataset import ImprovementDataset
         from .augment.ranking_reward import load_reward_model
-        from .meta_train import MetaTrainConfig, meta_train
-        from .network import NetworkConfig
-        from .operator import Improver
+        from .meta_train import MetaTrainConfig, build_improver, meta_train
 
         config = MetaTrainConfig(
             self.steps, self.batch_size, self.lr, distill_weight=self.distill_weight, checkpoint_every=self.checkpoint_every,
             validate_every=self.validate_every, seed=self.seed, locate_ranked=self.locate_ranked,
         )
         dataset = ImprovementDataset(self.data)
-        example = dataset.example(0)
-        network = NetworkConfig(
-            example.lesser.observations.shape[-1], example.lesser.actions.shape[-1], width=self.width, use_frames=self.frames,
-            token_stride=self.token_stride, task_dim=len(example.lesser.tasks[0].goal) if self.infer_goal else 0,
+        improver = build_improver(
+            dataset, width=self.width, token_stride=self.token_stride, frames=self.frames,
+            task_inference=None if self.task_inference == "none" else self.task_inference, distill_steps=self.distill_steps,
+            fit_epochs=self.fit_epochs if self.fit_epochs is not None else (20 if self.distill_weight == 0 else 0),
+            reward_free=self.reward_model is not None, seed=self.seed,
         )
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            fit_epochs = self.fit_epochs if self.fit_epochs is not None else (20 if self.distill_weight == 0 else 0)
-            improver = Improver(network, self.distill_steps, fit_epochs, reward_free=self.reward_model is not None)
         if self.reward_model is not None:
             improver.reward_model = load_reward_model(self.reward_model).requires_grad_(False)
         validation = ImprovementDataset(self.validation) if self.validation else None
@@ -236,12 +233,12 @@ class MetaTrain:
 
 @dataclass
 class RefineLocator:
-    """Train an improver's goal locator (and, with --head-steps, its behaviour head, DAgger-style) on the episodes
+    """Train an improver's task inference (and, with --head-steps, its behaviour head, DAgger-style) on the episodes
     its own behaviour loop collects on the training tasks (resumes from OUT/episodes). Run it after
     `improver meta-train`; repeat it on its output for another round."""
 
     improver: Path
-    """A meta-trained improver that infers the goal."""
+    """A meta-trained improver that infers the task."""
     data: Path
     """The training dataset it was meta-trained on (never a held-out one)."""
     out: Path
@@ -257,7 +254,7 @@ class RefineLocator:
         improver = Improver.from_pretrained(self.improver)
         source = {"source": str(self.improver), "source_metadata": read_json_object(self.improver / "config.json").get("metadata", {})}
         _, scores = refine_locator(improver, ImprovementDataset(self.data), self.config, self.out, metadata=source)
-        print(f"locator error on the {scores['experiences']} collected experiences (training tasks): {scores['error_before']:.4f} -> {scores['error_after']:.4f}")
+        print(f"task inference error on the {scores['experiences']} collected experiences (training tasks): {scores['error_before']:.4f} -> {scores['error_after']:.4f}")
         if "head_mse_before" in scores:
             print(f"head error (mean squared, against the expert) on their {scores['head_states']} states after step 0: {scores['head_mse_before']:.4f} -> {scores['head_mse_after']:.4f}")
         if "aim_offset" in scores:
@@ -465,9 +462,79 @@ def _write_json(path: Path, data: object) -> None:
     print(f"wrote {path}")
 
 
+@dataclass
+class Train:
+    """The whole recipe from a suite to a working improver, with no family-specific flag: data, starting policies,
+    meta-training, on-policy refinement, the loop settings chosen on the training tasks, and a report on
+    held-out tasks (OUT/report.md, report.json, report.png); the improver is OUT/improver. Each stage resumes
+    after a kill (rerun the same command); run it under `accelerate launch --multi_gpu --num_processes 2`."""
+
+    out: Path
+    """Run folder (rerun with the same settings to resume)."""
+    config: Annotated[TrainConfig, tyro.conf.OmitArgPrefixes]
+
+    def run(self) -> None:
+        from .train import train
+
+        from accelerate import PartialState
+
+        train(self.config, self.out)
+        if PartialState().is_main_process:
+            print(f"wrote {self.out / 'improver'} and {self.out / 'report.md'}")
+
+
+@dataclass
+class MetaworldEval:
+    """Meta-World's own meta-learning evaluation (metaworld.evaluation.metalearning_evaluation) of an improver
+    adapting a starting policy on held-out ML1 goals, one goal at a time, next to the starting policy left
+    unchanged; prints Meta-World's success rate and mean return of both (see improver.integrations.metaworld)."""
+
+    improver: Path
+    """Folder of a trained improver (e.g. pretrained/reach-v3/improver)."""
+    family: str
+    """Meta-World task family whose ML1 test goals are used, e.g. reach-v3."""
+    policy: str = "fresh"
+    """Folder of a saved starting policy (e.g. pretrained/reach-v3/lesser/00), or `fresh` (an untrained MLPPolicy)."""
+    goals: int = 10
+    """Held-out goals (the first of the family's test goals), each one round of the harness."""
+    adaptation_steps: int = 3
+    """Improvement steps per goal."""
+    adaptation_episodes: int = 10
+    """Episodes collected per improvement step."""
+    evaluation_episodes: int = 3
+    """Episodes per goal that Meta-World evaluates the adapted policy on."""
+    seed: int = 0
+    """Seed of the goals (0: the test goals of the suite ML1:FAMILY with seed 0), the fresh policy and the noise."""
+    max_episode_steps: int | None = None
+    """Episode length (default: Meta-World's 500)."""
+    success_reward: float | None = None
+    """A step whose reward reaches this counts as a success for the improver, as the harness passes no success flag
+    (default: 10, where Meta-World's v2 rewards mark a solved task)."""
+    loop: Loop = LoopOverrides()
+    out: Path | None = None
+    """Also write the figures as JSON here."""
+
+    def run(self) -> None:
+        from .integrations.metaworld import evaluate_in_metaworld
+        from .tasks.evaluation import format_table
+
+        result = evaluate_in_metaworld(
+            self.improver, self.policy, self.family, self.goals, self.adaptation_steps, self.adaptation_episodes, self.evaluation_episodes,
+            seed=self.seed, max_episode_steps=self.max_episode_steps, **asdict(self.loop),
+            **({} if self.success_reward is None else {"success_reward": self.success_reward}),
+        )
+        print(
+            f"Meta-World metalearning_evaluation, ML1 {self.family}: {self.goals} test goals, {self.adaptation_steps} adaptation steps "
+            f"of {self.adaptation_episodes} episodes, {self.evaluation_episodes} evaluation episodes; loop settings: {result['settings']}"
+        )
+        print(format_table(result["rows"]))
+        if self.out is not None:
+            _write_json(self.out, result)
+
+
 COMMANDS = {
-    "demo": Demo, "rollout": Rollout, "generate": Generate, "reward-model": RewardModel, "meta-train": MetaTrain,
-    "refine-locator": RefineLocator, "improve": Improve, "starting-policies": StartingPolicies,
+    "train": Train, "demo": Demo, "rollout": Rollout, "generate": Generate, "reward-model": RewardModel, "meta-train": MetaTrain,
+    "refine-locator": RefineLocator, "improve": Improve, "starting-policies": StartingPolicies, "metaworld-eval": MetaworldEval,
 }
 BENCHMARKS = {"rollout": BenchRollout, "improve": BenchImprove, "step": BenchStep}
 
@@ -482,9 +549,13 @@ def main(argv: list[str] | None = None) -> None:
             COMMANDS,
             prog="improver",
             args=argv,
-            description="policy-improver. Commands: demo, rollout, generate, reward-model, meta-train, refine-locator, improve, starting-policies; benchmarks: `improver bench rollout`, `improver bench improve`, `improver bench step`.",
+            description="policy-improver. Commands: train, demo, rollout, generate, reward-model, meta-train, refine-locator, improve, starting-policies, metaworld-eval; benchmarks: `improver bench rollout`, `improver bench improve`, `improver bench step`.",
         )
     command.run()
+    import torch.distributed as dist  # the commands leave the process group of an `accelerate launch` to the end
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment.noise import Gaussian, NoisyPolicy
+from .augment.noise import ExplorationNoise
 from .distill import fit_policy
 from .loop import as_tasks
 from .policies import placement
@@ -94,7 +94,7 @@ def dagger(
     if observed:
         refit()
     for r in tqdm(range(rounds), desc="dagger", unit="round", disable=not progress):
-        actor = NoisyPolicy(student, Gaussian(exploration), seed=seed + r) if exploration else student
+        actor = ExplorationNoise(exploration, seed + r).wrap(student)
         experience = rollout(actor, tasks, 1, seed=seed + r, progress=False)
         env_steps += int(experience.lengths.sum())
         visited = experience.observations[experience.mask].float()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment.noise import Gaussian, NoisyPolicy, derive_seed
+from .augment.noise import ExplorationNoise, derive_seed
 from .io import FolderKind, atomic_path
 from .loop_settings import LoopSettings, Mode
 from .operator import BehaviourPolicy, Improver
@@ -97,7 +97,7 @@ def improvement_loop(
 
     ``mode``, ``memory``, ``exploration``, ``task_exploration`` and ``wide_task_exploration``
     left ``None`` take the improver's :attr:`~improver.operator.Improver.loop_settings`
-    (see :meth:`LoopSettings.overridden`: parameters mode drops the carried goal exploration).
+    (see :meth:`LoopSettings.overridden`: parameters mode drops the carried task exploration).
 
     Args:
         improver: A trained improver.
@@ -111,21 +111,21 @@ def improvement_loop(
         reward_free: Hide the rewards from the improver (its ranking reward model supplies them).
         memory: Each step watches the episodes of the last ``memory`` steps (1: only the current
             policy's, like an RL update; more: earlier policies' too, which spread the states
-            the goal is located from).
+            the task is inferred from).
         exploration: Standard deviation of Gaussian noise added to the policy's actions (then
             clipped to ``[-1, 1]``) while collecting, seeded per episode. The noisy episodes are
             what the next step watches and what success is measured on: they spread the visited
-            states around the goal the policy aims at, so the next step locates it better
+            states around where the policy heads, so the next step infers the task better
             (reach-v3: success 0.56 after 3 steps without, 1.0 with 0.3).
         task_exploration: Behaviour mode only: each episode of steps 1 and on acts as if the
-            inferred goal were moved by Gaussian noise of this standard deviation (in the goal's
-            own units, e.g. metres), seeded per episode (:class:`TaskSampling`). One aim pushes
-            every episode's object along one line, and distances to points on a line cannot tell
-            a goal from its mirror image across it; several aims spread the object around the goal.
-        wide_task_exploration: Behaviour mode only: goal exploration of a step whose previous step's
-            episodes all failed (0: ``task_exploration`` always). Near the goal small noise refines
-            the aim, but a goal far from the first estimate is never reached by it (push-v3, a
-            refined locator, 0.04 and 0.08: an edge goal succeeded on 2 of 3 seeds, never with 0.04 alone).
+            inferred task were moved by Gaussian noise of this standard deviation (in the task
+            parameters' own units, e.g. metres), seeded per episode (:class:`TaskSampling`). One
+            belief pushes every episode's object along one line, and distances to points on a line
+            cannot tell a target from its mirror image across it; several spread the object around it.
+        wide_task_exploration: Behaviour mode only: task exploration of a step whose previous step's
+            episodes all failed (0: ``task_exploration`` always). Near the right belief small noise
+            refines it, but a task far from the first estimate is never reached by it (push-v3, a
+            refined improver, 0.04 and 0.08: an edge target succeeded on 2 of 3 seeds, never with 0.04 alone).
         render: Frames to render while collecting; an improver that watches frames gets the
             default ``RenderConfig()`` (what ``improver generate --frames`` records) if not given.
         callbacks: Called with each state; one returning ``True`` stops the loop after it.
@@ -135,12 +135,29 @@ def improvement_loop(
     if steps < 0:
         raise ValueError(f"steps must be at least 0; got {steps}")
     # checked here, not in the generator: its body would only raise at the first next()
-    settings = improver.loop_settings.overridden(mode, exploration, task_exploration, wide_task_exploration, memory)
-    if (settings.task_exploration or settings.wide_task_exploration) and not improver.config.task_dim:
-        raise ValueError("task_exploration needs mode='behaviour' and an improver that infers the goal (task_dim > 0)")
+    settings = settings_for(improver, mode, exploration, task_exploration, wide_task_exploration, memory)
     if render is None and improver.config.use_frames:
         render = RenderConfig()
     return _run(improver, policy, tasks, steps, seed, settings, reward_free, render, callbacks, progress)
+
+
+def settings_for(
+    improver: Improver,
+    mode: Mode | None = None,
+    exploration: float | None = None,
+    task_exploration: float | None = None,
+    wide_task_exploration: float | None = None,
+    memory: int | None = None,
+) -> LoopSettings:
+    """``improver``'s loop settings with every argument that is not ``None`` in its place, checked.
+
+    Raises:
+        ValueError: a setting is invalid, or task exploration is asked of an improver that infers no task.
+    """
+    settings = improver.loop_settings.overridden(mode, exploration, task_exploration, wide_task_exploration, memory)
+    if (settings.task_exploration or settings.wide_task_exploration) and not improver.config.task_dim:
+        raise ValueError("task_exploration needs mode='behaviour' and an improver that infers the task (task_dim > 0)")
+    return settings
 
 
 def _run(
@@ -156,15 +173,15 @@ def _run(
     progress: bool,
 ) -> Iterator[LoopStep]:
     mode, memory, exploration = settings.mode, settings.memory, settings.exploration
-    goal_noise = (settings.task_exploration, settings.wide_task_exploration or settings.task_exploration)
+    task_noise = (settings.task_exploration, settings.wide_task_exploration or settings.task_exploration)
     env_steps, busy, history = 0, 0.0, []
     failed = True  # whether the previous step's episodes all failed
     with tqdm(total=steps + 1, desc=f"improve ({mode})", unit="step", disable=not progress) as bar:
         for k in range(steps + 1):
             start = time.perf_counter()
-            sigma = goal_noise[failed]
+            sigma = task_noise[failed]
             actor = TaskSampling(policy, sigma, seed=seed + k) if sigma and isinstance(policy, BehaviourPolicy) else policy
-            actor = NoisyPolicy(actor, Gaussian(exploration), seed=seed + k) if exploration else actor
+            actor = ExplorationNoise(exploration, seed + k).wrap(actor)
             experience = rollout(actor, tasks, 1, seed=seed + k, render=render, progress=False)
             env_steps += int(experience.lengths.sum())
             failed = not bool(experience.success.any())
@@ -190,14 +207,14 @@ def _run(
 
 
 class TaskSampling:
-    """A behaviour-mode policy that, per episode, aims at its inferred goal plus Gaussian noise.
+    """A behaviour-mode policy that, per episode, acts on its inferred task moved by Gaussian noise.
 
     The rollout collector calls :meth:`for_task` once per episode; the offset is drawn from a
-    generator seeded by ``seed`` and the episode's seed, so the same episodes get the same aims.
+    generator seeded by ``seed`` and the episode's seed, so the same episodes get the same offsets.
 
     Args:
-        policy: A :class:`~improver.operator.BehaviourPolicy` of an improver that infers a goal.
-        sigma: Standard deviation of the offset, in the goal's own units.
+        policy: A :class:`~improver.operator.BehaviourPolicy` of an improver that infers the task.
+        sigma: Standard deviation of the offset, in the task parameters' own units.
         seed: Seed of the offsets.
     """
 
@@ -205,9 +222,9 @@ class TaskSampling:
         self.policy, self.sigma, self.seed = policy, sigma, seed
 
     def for_task(self, info: TaskInfo) -> BehaviourPolicy:
-        """The policy aimed elsewhere for one episode."""
+        """The policy shifted elsewhere for one episode."""
         generator = torch.Generator().manual_seed(derive_seed(self.seed, info.episode_seed))
-        return self.policy.aiming(self.sigma * torch.randn(self.policy.net.config.task_dim, generator=generator))
+        return self.policy.shifted(self.sigma * torch.randn(self.policy.net.config.task_dim, generator=generator))
 
     def __call__(self, observations: torch.Tensor) -> torch.Tensor:
         return self.policy(observations)

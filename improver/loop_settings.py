@@ -75,7 +75,7 @@ class LoopSettings:
         """Settings from their JSON record (``asdict``); ``ValueError`` naming ``path`` if it is not one."""
         if not isinstance(record, dict):
             raise ValueError(f"{path}: loop_settings must be a JSON object; got {type(record).__name__}")
-        # Written before task inference had one interface, under the names of the goal locator.
+        # Written before task inference had one interface, under the names of RENAMED.
         record = {RENAMED.get(key, key): value for key, value in record.items()}
         check_keys(record, path, (), [f.name for f in fields(cls)])
         try:

@@ -39,13 +39,19 @@ from improver.types import Trajectory
 
 from .io import atomic_path
 from .loop import heldout_success
+from .network import ImprovementNet, NetworkConfig
 from .operator import Improver
 from .saved_files import check_keys, cpu_tensors, read_json_object, read_weights, write_weights
+from .task_inference import DEFAULT_TASK_INFERENCE, task_parameters
 
 SETTINGS = "settings.json"
 SETTINGS_FORMAT = 1
 CHECKPOINT_FILES = ("improver.safetensors", "optimizer.safetensors", "progress.json")
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+RENAMED_SETTINGS = {"meta_train": {"goal_forcing": "task_forcing"}}
+"""Keys of older ``settings.json`` files, by section, and their names now."""
+ADDED_SETTINGS = {"network": {"task_inference": DEFAULT_TASK_INFERENCE}}
+"""Keys added to ``settings.json`` since, by section, and the value a run recorded without them had."""
 
 
 @dataclass(frozen=True)
@@ -61,14 +67,14 @@ class MetaTrainConfig:
     distill_weight: float = 1.0
     """Weight of the distilled policy's error against the behaviour head's likelihood."""
     task_weight: float = 1.0
-    """Weight of the task-inference error (the goal estimate against the episode's true goal)."""
+    """Weight of the task inference's loss (its belief against the episodes' true task parameters)."""
     task_lr: float = 1e-2
-    """Adam learning rate of the goal locator: a few dozen parameters fed by one loss, which
-    need about 3000 steps at this rate (measured on the toy suite)."""
-    goal_forcing: float | None = 0.1
-    """With task inference: the head learns from the true goal plus noise of this size (in
-    normalised units) in place of the estimate, so it learns to act on a goal while the estimate
-    is still poor; None: from the estimate."""
+    """Adam learning rate of the task inference's parameters (the default implementation's few
+    dozen parameters, fed by one loss, need about 3000 steps at this rate, measured on the toy suite)."""
+    task_forcing: float | None = 0.1
+    """With task inference: the head learns from the belief that holds the true task parameters,
+    plus noise of this size (in normalised units), in place of the inferred one, so it learns to act
+    on a task while the inference is still poor; None: from the inferred belief."""
     grad_clip: float = 1.0
     """Largest gradient norm: a mixture likelihood can spike on an outlying target action."""
     distill_states: int = 256
@@ -78,8 +84,8 @@ class MetaTrainConfig:
     validate_every: int = 0
     """Steps between held-out validations (0: only at the end); needs a validation dataset."""
     locate_ranked: bool = True
-    """With task inference: the locator also learns to locate each task's goal from the task's
-    noise-ladder episodes (see :func:`example_loss`)."""
+    """With task inference: it also learns to infer each task from the task's noise-ladder
+    episodes (see :func:`example_loss`)."""
     seed: int = 0
     """Seed of the example order and state sampling."""
 
@@ -92,31 +98,62 @@ class MetaTrainConfig:
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"MetaTrainConfig.{name} must be 0 or more; got {getattr(self, name)!r}")
-        if self.goal_forcing is not None and not self.goal_forcing >= 0:
-            raise ValueError(f"MetaTrainConfig.goal_forcing must be None (learn from the estimate) or 0 or more; got {self.goal_forcing!r}")
+        if self.task_forcing is not None and not self.task_forcing >= 0:
+            raise ValueError(f"MetaTrainConfig.task_forcing must be None (learn from the inferred belief) or 0 or more; got {self.task_forcing!r}")
+
+
+def build_improver(
+    dataset: ImprovementDataset,
+    *,
+    width: int = 64,
+    token_stride: int = 10,
+    frames: bool = False,
+    task_inference: str | None = DEFAULT_TASK_INFERENCE,
+    distill_steps: int = 20,
+    fit_epochs: int = 20,
+    reward_free: bool = False,
+    seed: int = 0,
+) -> Improver:
+    """A fresh improver for meta-training on ``dataset``, its sizes read from the dataset's episodes.
+
+    Args:
+        dataset: The training dataset (observation, action and task-parameter sizes come from its first example).
+        width: Token and context width.
+        token_stride: One experience token every this many steps.
+        frames: Watch frames too (the dataset must have them).
+        task_inference: Which task inference infers the dataset's task parameters
+            (:data:`improver.task_inference.TaskInferenceName`); ``None``: none.
+        distill_steps: Meta-learned distillation steps of parameters mode.
+        fit_epochs: If above 0, parameters mode fits the policy with Adam for this many epochs instead.
+        reward_free: Read a ranking reward model's rewards (attach it as ``improver.reward_model``).
+        seed: Seed of the initial weights (the global random state is left as it was).
+    """
+    example = dataset.example(0)
+    task_dim = len(task_parameters(example.lesser.tasks[0])) if task_inference is not None else 0
+    network = NetworkConfig(
+        example.lesser.observations.shape[-1], example.lesser.actions.shape[-1], width=width, token_stride=token_stride, use_frames=frames,
+        task_dim=task_dim, task_inference=task_inference or DEFAULT_TASK_INFERENCE,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return Improver(network, distill_steps, fit_epochs, reward_free=reward_free)
 
 
 def fit_normalization(improver: Improver, dataset: ImprovementDataset) -> None:
-    """Set the network's observation and reward scales from the dataset's episodes."""
-    observations, rewards, goals = [], [], []
+    """Set the network's observation, reward and task-parameter scales from the dataset's episodes."""
+    observations, rewards, parameters = [], [], []
     for i in range(len(dataset)):
         example = _scored(improver, dataset.example(i))
         observations += [example.lesser.observations[example.lesser.mask], example.better.observations[example.better.mask]]
         rewards.append(example.lesser.rewards[example.lesser.mask])
-        goals.append(task_target(example))
+        parameters.append(task_parameters(example.lesser.tasks[0]))
     states = torch.cat(observations)
     net = improver.net
     net.obs_mean.copy_(states.mean(dim=0))
     net.obs_std.copy_(states.std(dim=0).clamp(min=1e-3))
     net.reward_scale.copy_(torch.cat(rewards).abs().max().clamp(min=1e-6))
-    if net.config.task_dim:
-        goals = torch.stack(goals)
-        if goals.shape[-1] != net.config.task_dim:
-            raise ValueError(f"the network infers {net.config.task_dim} task parameters; the dataset's goals have {goals.shape[-1]}")
-        net.task_mean.copy_(goals.mean(dim=0))
-        # One scale for every axis: the locator's trilateration needs distances to keep their
-        # geometry, and a near-constant coordinate (a table's height) must not become noise.
-        net.task_std.fill_(goals.std(dim=0).mean().clamp(min=1e-2))
+    if net.task_inference is not None:
+        net.task_inference.fit_normalization(torch.stack(parameters))
 
 
 def _scored(improver: Improver, example: Example) -> Example:
@@ -133,20 +170,14 @@ def _ladders(improver: Improver, dataset: ImprovementDataset) -> dict[int, Traje
     return {int(k): ranked.take(indices == k) for k in indices.unique()}
 
 
-def task_target(example: Example) -> torch.Tensor:
-    """The hidden task parameters of an example: its episodes' goal."""
-    return torch.tensor(example.lesser.tasks[0].goal, dtype=torch.float32)
+def task_target(net: ImprovementNet, experience: Trajectory) -> torch.Tensor:
+    """The parameters ``[task_dim]`` of ``experience``'s (first) task, normalised by the network's task inference."""
+    return net.task_inference.normalize(task_parameters(experience.tasks[0]))
 
 
-def normalized_goal(net: nn.Module, experience: Trajectory) -> torch.Tensor:
-    """The goal of ``experience``'s (first) task in the network's normalised units."""
-    return (torch.tensor(experience.tasks[0].goal).to(net.task_std) - net.task_mean) / net.task_std
-
-
-def locate_error(net: nn.Module, experience: Trajectory) -> torch.Tensor:
-    """Squared error of the goal locator's estimate and vote from ``experience`` (one task's episodes), normalised units."""
-    located = net.locate(experience).unflatten(-1, (2, -1))
-    return nn.functional.mse_loss(located, normalized_goal(net, experience).expand(2, -1))
+def task_error(net: ImprovementNet, experience: Trajectory) -> torch.Tensor:
+    """The task inference's loss on the belief it infers from ``experience`` (one task's episodes)."""
+    return net.task_inference.loss(net.infer_task(experience), task_target(net, experience))
 
 
 def example_loss(
@@ -154,12 +185,12 @@ def example_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Meta-training loss of one example, and its parts.
 
-    ``locate_also``: more episodes of the example's task (its noise ladder) that the goal locator
-    must also locate the goal from. A lesser policy's own episodes can say little about the goal
-    (push-v3 zoo policies rarely touch the puck), while the policies after a step push it around:
-    trained on the lesser episodes alone, the locator answered about the goals' mean after a
-    step too. Measured on push-v3 held-out goals: with the ladders it uses the episodes after a
-    step on some goals (one: 14.7 cm off from the lesser episodes, 1.5 cm from the step-1
+    ``locate_also``: more episodes of the example's task (its noise ladder) that the task
+    inference must also infer the task from. A lesser policy's own episodes can say little about
+    the task (push-v3 zoo policies rarely touch the puck), while the policies after a step push it
+    around: trained on the lesser episodes alone, the inference answered about the tasks' mean
+    after a step too. Measured on push-v3 held-out tasks: with the ladders it uses the episodes
+    after a step on some tasks (one: 14.7 cm off from the lesser episodes, 1.5 cm from the step-1
     episodes), not yet on most (success after 3 steps 0.34 against 0.33).
     """
     device = improver.log_lrs.device
@@ -172,14 +203,15 @@ def example_loss(
         probe_actions = policy(probes)
     z = net.encode(lesser, probe_actions, probes)
     task = torch.zeros((), device=device)
-    if net.config.task_dim:
-        truth = normalized_goal(net, lesser)
-        task = nn.functional.mse_loss(net.task_part(z), truth.expand(2, -1))
+    inference = net.task_inference
+    if inference is not None:
+        truth = task_target(net, lesser)
+        task = inference.loss(net.belief(z), truth)
         if locate_also is not None:
-            task = (task + locate_error(net, locate_also.to(device))) / 2
-        if config.goal_forcing is not None:
-            noise = config.goal_forcing * torch.randn((2, *truth.shape), generator=generator).to(device)
-            z = net.with_task_part(z, truth + noise)
+            task = (task + task_error(net, locate_also.to(device))) / 2
+        if config.task_forcing is not None:
+            noise = config.task_forcing * torch.randn(inference.belief_dim, generator=generator).to(device)
+            z = net.with_belief(z, inference.forced(truth, noise))
     states = torch.cat([lesser.observations[lesser.mask], better.observations[better.mask]])
     targets = torch.cat([example.target_actions.to(device)[lesser.mask], better.actions[better.mask]])
     nll, mode = net.head.imitation_loss(net.normalize(states), z, targets)
@@ -227,9 +259,10 @@ def meta_train(
     improver = improver.to(accelerator.device)
     if accelerator.num_processes > 1 and accelerator.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))  # no oversubscription
-    locator = list(improver.net.locator.parameters()) if improver.net.locator is not None else []
-    rest = [p for p in improver.parameters() if p.requires_grad and all(p is not q for q in locator)]
-    groups = [{"params": rest}] + ([{"params": locator, "lr": config.task_lr}] if locator else [])
+    inference = improver.net.task_inference
+    inferring = list(inference.parameters()) if inference is not None else []
+    rest = [p for p in improver.parameters() if p.requires_grad and all(p is not q for q in inferring)]
+    groups = [{"params": rest}] + ([{"params": inferring, "lr": config.task_lr}] if inferring else [])
     adam = torch.optim.Adam(groups, lr=config.lr)
     # Loaded after prepare(), which would move the state's step counters onto the GPU (a fresh run keeps them on the CPU).
     optimizer = accelerator.prepare(adam)
@@ -242,7 +275,7 @@ def meta_train(
         with atomic_path(out / SETTINGS) as tmp:
             tmp.write_text(json.dumps(settings, indent=2))
     accelerator.init_trackers("meta_train", config=asdict(config))
-    ladders = _ladders(improver, dataset) if config.locate_ranked and improver.net.config.task_dim else {}
+    ladders = _ladders(improver, dataset) if config.locate_ranked and inference is not None else {}
     rank, world = accelerator.process_index, accelerator.num_processes
     bar = tqdm(total=config.steps, initial=step, desc="meta-train", disable=not (progress and accelerator.is_local_main_process))
     while step < config.steps:
@@ -284,7 +317,8 @@ def meta_train(
             out / "improver", metadata={"meta_train": asdict(config), "dataset": str(dataset.root), "examples": len(dataset), "processes": world}
         )
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # also tears down the process group: nothing collective after this
+    for tracker in accelerator.trackers:  # not end_training(): it tears down the process group, which `train`'s later stages still use
+        tracker.finish()
     return improver
 
 
@@ -334,6 +368,11 @@ def _check_run_folder(out: Path, settings: dict[str, Any], steps: int) -> Path |
     check_keys(old, path, settings.keys())
     if not all(isinstance(old[section], dict) for section in settings if section != "format_version"):
         raise ValueError(f"{path} is damaged: each section except format_version must be a JSON object; use a new --out")
+    # A run started by an older version recorded some settings under other names, or not at all.
+    for section, renamed in RENAMED_SETTINGS.items():
+        old[section] = {renamed.get(key, key): value for key, value in old[section].items()}
+    for section, added in ADDED_SETTINGS.items():
+        old[section] = {**added, **old[section]}
     differing = [
         (key, old[section].get(key, "(not recorded)"), value)
         for section, values in settings.items() if section != "format_version"

@@ -3,6 +3,7 @@
 It watches a lesser policy's experience (states, actions, rewards, success flags, optionally
 frames) and the policy itself (through a fingerprint: its actions on probe states), summarises
 them into a context ``z``, and predicts better behaviour ``g(a | s, z)`` as a Gaussian mixture.
+With task inference, ``z`` ends with a belief about the hidden task (:mod:`improver.task_inference`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .task_inference import DEFAULT_TASK_INFERENCE, TASK_INFERENCE_NAMES, TaskInference, TaskInferenceName, make_task_inference
 from .types import Trajectory
 
 
@@ -40,8 +42,10 @@ class NetworkConfig:
     keypoints: int = 8
     """Keypoints of the frame encoder."""
     task_dim: int = 0
-    """Size of the hidden task parameters (the goal) that the encoder infers from experience;
-    0: no task inference. Meta-training supervises the estimate with the dataset's goals."""
+    """Number of hidden task parameters that task inference estimates from experience; 0: no task
+    inference. Meta-training supervises the estimate with the dataset's task parameters."""
+    task_inference: TaskInferenceName = DEFAULT_TASK_INFERENCE
+    """Which task inference (:func:`improver.task_inference.make_task_inference`) appends its belief to ``z``."""
 
     def __post_init__(self) -> None:
         sizes = {name: getattr(self, name) for name in ("obs_dim", "act_dim", "width", "layers", "heads", "token_stride", "probes", "components", "keypoints")}
@@ -53,6 +57,8 @@ class NetworkConfig:
             raise ValueError(f"NetworkConfig sizes must be positive (task_dim 0 or more); got {bad or {'task_dim': self.task_dim}}")
         if self.width % self.heads:
             raise ValueError(f"NetworkConfig.width ({self.width}) must be a multiple of heads ({self.heads})")
+        if self.task_inference not in TASK_INFERENCE_NAMES:
+            raise ValueError(f"NetworkConfig.task_inference must be one of {list(TASK_INFERENCE_NAMES)}; got {self.task_inference!r}")
 
 
 class SpatialSoftmax(nn.Module):
@@ -124,90 +130,36 @@ class MixtureHead(nn.Module):
         return means.gather(-2, best.unsqueeze(-1).expand(*best.shape, means.shape[-1])).squeeze(-2).clamp(-1.0, 1.0)
 
 
-BOUND = 3.0
-"""Largest normalised goal coordinate the locator returns."""
-
-
-class MonotoneDistance(nn.Module):
-    """A distance that falls as the reward rises: a positive sum of softplus ramps in ``-reward``.
-
-    Without the constraint, meta-training settles on maps that turn the geometry inside out
-    (measured: distance rising with reward, held-out error 0.15 against 0.02 with the right map).
-    """
-
-    def __init__(self, ramps: int = 16) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.zeros(ramps))
-        self.offset = nn.Parameter(torch.linspace(-2.0, 2.0, ramps))
-        self.slope = nn.Parameter(torch.zeros(ramps))
-
-    def forward(self, rewards: torch.Tensor) -> torch.Tensor:
-        """``[N]`` scaled rewards -> ``[N]`` non-negative distances."""
-        ramps = nn.functional.softplus(self.offset - nn.functional.softplus(self.slope) * rewards[..., None])
-        return ramps @ nn.functional.softplus(self.scale) / len(self.scale)
-
-
-class GoalLocator(nn.Module):
-    """Infers the hidden goal ``[task_dim]`` (normalised) from visited states and their rewards.
-
-    Meta-World's ML1 tasks differ only in a goal position, and their rewards fall with the
-    distance between a point of the state (the hand, the object) and that goal. Each step
-    therefore gives a point ``p_i`` (a learned projection of its state), a squared distance
-    ``d_i`` (a learned map of its reward and success flag) and a weight; the goal is the
-    weighted least-squares solution of ``|p_i - g|^2 = d_i^2`` (trilateration, linear after
-    subtracting the weighted mean), regularised toward a vote: the point of the best steps, by a
-    softmax whose logits rise with the reward. Both are returned and both are supervised; the
-    vote's plain signal is what steers the point projection the right way round (without it
-    meta-training found a mirrored projection, held-out error 0.35 against 0.045).
-    Every learned part sees one step's own inputs only: measured on the toy suite, estimates
-    computed from the transformer's features memorise the few training goals (held-out error
-    0.17 against 0.05).
-    """
-
-    def __init__(self, obs_dim: int, task_dim: int) -> None:
-        super().__init__()
-        self.point = nn.Linear(obs_dim, task_dim)
-        self.distance = MonotoneDistance()
-        # Logits of each step's weight in the least squares and in the vote.
-        self.fit_weights = nn.Linear(obs_dim + 2, 1)
-        # The vote goes to the best steps: its logits rise with the reward (and the success flag),
-        # and must be able to become sharp (one step out of hundreds) within a short run.
-        self.vote_slope = nn.Parameter(torch.tensor(3.0))
-        self.vote_success = nn.Parameter(torch.tensor(0.0))
-        self.log_ridge = nn.Parameter(torch.tensor(-3.0))
-
-    def forward(self, obs: torch.Tensor, rewards: torch.Tensor, successes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The goal estimate and the vote, ``[2 * task_dim]``, from ``[N, obs_dim]`` normalised states, ``[N]`` scaled rewards and
-        success flags, and the ``[N]`` mask of real steps."""
-        signal = torch.stack([rewards, successes], dim=-1)
-        points = self.point(obs)
-        squared = self.distance(rewards) ** 2
-        vote = self.vote_slope.exp() * rewards + self.vote_success * successes
-        logits = torch.stack([self.fit_weights(torch.cat([obs, signal], dim=-1)).squeeze(-1), vote], dim=-1)
-        fit, vote = logits.masked_fill(~valid[:, None], float("-inf")).softmax(dim=0).unbind(-1)
-        prior = vote @ points
-        centred = points - fit @ points
-        norms = (points * points).sum(dim=-1) - squared
-        design = 2.0 * centred
-        target = norms - fit @ norms
-        eye = torch.eye(points.shape[-1], dtype=points.dtype, device=points.device)
-        ridge = self.log_ridge.exp()
-        gram = design.T @ (fit[:, None] * design) + ridge * eye
-        estimate = torch.linalg.solve(gram, design.T @ (fit * target) + ridge * prior)
-        # Goals are normalised, so training goals lie within about 2 units. Visited points that
-        # are nearly collinear make the solve ill-conditioned (measured: an estimate 1.7 m off on
-        # a reach-v3 task); bounding it keeps such an estimate in the task's range.
-        return torch.cat([BOUND * torch.tanh(estimate / BOUND), prior])
-
-
 CHUNK_TOKENS = 2048
 """Most experience tokens the encoder attends over at once (see :meth:`ImprovementNet.pool`)."""
+
+
+OLD_KEYS = {"task_mean": "task_inference.task_mean", "task_std": "task_inference.task_std", "locator.": "task_inference."}
+"""State-dict keys (and key prefixes) of checkpoints written before task inference had one interface, and their names now."""
+
+
+def _rename_old_keys(net: ImprovementNet, state_dict: dict[str, torch.Tensor], prefix: str, *args: object) -> None:
+    """Load hook: read a state dict written before task inference had one interface (the shipped
+    improvers') under the keys of now (:data:`OLD_KEYS`)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        name = key[len(prefix) :]
+        old = next((o for o in OLD_KEYS if name == o or (o.endswith(".") and name.startswith(o))), None)
+        if old is None:
+            continue
+        value = state_dict.pop(key)
+        # Without task inference the old buffers were empty: there is nothing to keep.
+        if net.task_inference is not None or value.numel():
+            state_dict[prefix + OLD_KEYS[old] + name[len(old) :]] = value
 
 
 class ImprovementNet(nn.Module):
     """Encode ``(experience, policy)`` into ``z`` and predict improved actions with ``g(a | s, z)``.
 
+    ``z`` ``[context_dim]`` is a learned summary ``[width]`` followed, with ``task_dim``, by the
+    belief ``[belief_dim]`` of :attr:`task_inference`, which the network never looks into.
+
     Attributes:
+        task_inference: The task inference (``None`` with ``task_dim`` 0).
         chunk_tokens: Most experience tokens the encoder attends over at once (default
             ``CHUNK_TOKENS``); not saved with the weights, since it changes no weight.
     """
@@ -219,8 +171,6 @@ class ImprovementNet(nn.Module):
         self.register_buffer("obs_mean", torch.zeros(config.obs_dim))
         self.register_buffer("obs_std", torch.ones(config.obs_dim))
         self.register_buffer("reward_scale", torch.ones(()))
-        self.register_buffer("task_mean", torch.zeros(config.task_dim))
-        self.register_buffer("task_std", torch.ones(config.task_dim))
         # token: state, action, reward, success flag, time
         self.step_in = nn.Linear(config.obs_dim + config.act_dim + 3, width)
         self.frames = FrameEncoder(config.keypoints, width) if config.use_frames else None
@@ -228,9 +178,12 @@ class ImprovementNet(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.fingerprint = nn.Sequential(nn.Linear(config.obs_dim + config.act_dim, width), nn.ReLU(), nn.Linear(width, width))
         self.context = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, width))
-        self.locator = GoalLocator(config.obs_dim, config.task_dim) if config.task_dim else None
+        self.task_inference: TaskInference | None = (
+            make_task_inference(config.task_inference, config.obs_dim, config.task_dim, width, config.heads) if config.task_dim else None
+        )
         self.head = MixtureHead(config.obs_dim, config.act_dim, self.context_dim, config.components)
         self.chunk_tokens = CHUNK_TOKENS
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         """Observations scaled by the meta-training data's statistics."""
@@ -246,34 +199,32 @@ class ImprovementNet(nn.Module):
 
     @property
     def context_dim(self) -> int:
-        """Size of ``z``."""
-        return self.config.width + 2 * self.config.task_dim
+        """Size of ``z``: the width plus the task inference's belief."""
+        return self.config.width + (self.task_inference.belief_dim if self.task_inference is not None else 0)
+
+    def belief(self, z: torch.Tensor) -> torch.Tensor:
+        """The task inference's belief ``[..., belief_dim]`` held in ``z`` ``[..., context_dim]``."""
+        return z[..., self.config.width :]
+
+    def with_belief(self, z: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
+        """``z`` ``[..., context_dim]`` with its belief replaced by ``belief`` ``[..., belief_dim]``."""
+        return torch.cat([z[..., : self.config.width], belief], dim=-1)
+
+    def shifted(self, z: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """``z`` with its belief moved by ``offset`` ``[task_dim]`` (the task parameters' own units)."""
+        return self.with_belief(z, self._inference().shifted(self.belief(z), offset))
 
     def task_estimate(self, z: torch.Tensor) -> torch.Tensor:
-        """The inferred task parameters (e.g. the goal) held in ``z``, in the task's own units."""
-        return self.task_part(z)[..., 0, :] * self.task_std + self.task_mean
+        """The task parameters ``[..., task_dim]`` that ``z`` holds, in their own units."""
+        return self._inference().estimate(self.belief(z))
 
-    def task_part(self, z: torch.Tensor) -> torch.Tensor:
-        """The normalised goal estimate and vote held in ``z``, ``[..., 2, task_dim]``."""
-        return z[..., self.config.width :].unflatten(-1, (2, self.config.task_dim))
-
-    def with_task_part(self, z: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-        """``z`` ``[..., context_dim]`` with its goal estimate and vote replaced by ``part`` ``[..., 2, task_dim]`` (normalised)."""
-        return torch.cat([z[..., : self.config.width], part.flatten(-2)], dim=-1)
-
-    def aimed(self, z: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """``z`` with its goal estimate and vote moved by ``offset`` ``[task_dim]`` (in the task's own units)."""
-        if not self.config.task_dim:
-            raise ValueError("this improver infers no goal (task_dim 0): there is nothing to aim elsewhere")
-        shift = (offset.to(z) / self.task_std).repeat(2)
-        return torch.cat([z[..., : self.config.width], z[..., self.config.width :] + shift], dim=-1)
+    def _inference(self) -> TaskInference:
+        if self.task_inference is None:
+            raise ValueError("this improver infers no task (task_dim 0): its z holds no belief about the task")
+        return self.task_inference
 
     def encode(self, experience: Trajectory, policy_actions: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-        """Context ``z`` ``[context_dim]`` from one batch of episodes and the policy's actions on ``probes``.
-
-        ``z`` is a learned summary followed, with ``task_dim``, by the normalised goal estimate and
-        vote of the ``GoalLocator``.
-        """
+        """Context ``z`` ``[context_dim]`` from one batch of episodes and the policy's actions on ``probes``."""
         steps, obs, actions, rewards, successes, valid = self._token_inputs(experience)
         time = (steps.to(obs.dtype) / max(1, experience.observations.shape[1]))[None, :, None].expand(obs.shape[0], -1, 1)
         tokens = self.step_in(torch.cat([obs, actions, rewards[..., None], successes[..., None], time], dim=-1))
@@ -282,9 +233,9 @@ class ImprovementNet(nn.Module):
         pooled = self.pool(tokens, valid)
         fingerprint = self.fingerprint(torch.cat([self.normalize(probes), policy_actions], dim=-1)).mean(dim=0)
         z = self.context(torch.cat([pooled, fingerprint]))
-        if not self.config.task_dim:
+        if self.task_inference is None:
             return z
-        return torch.cat([z, self.locate(experience)])
+        return torch.cat([z, self.infer_task(experience)])
 
     def pool(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Mean encoder feature ``[width]`` over the real tokens of ``tokens`` ``[B, S, width]`` (``valid`` ``[B, S]``).
@@ -305,15 +256,15 @@ class ImprovementNet(nn.Module):
             sums.append((encoded * real.flatten()[:, None]).sum(dim=0))
         return torch.stack(sums).sum(dim=0) / valid.sum().clamp(min=1)
 
-    def locate(self, experience: Trajectory) -> torch.Tensor:
-        """The ``GoalLocator``'s normalised goal estimate and vote ``[2 * task_dim]`` from one batch of episodes."""
-        _, obs, _, rewards, successes, valid = self._token_inputs(experience)
-        return self.locator(obs.flatten(0, 1), rewards.flatten(), successes.flatten(), valid.flatten())
+    def infer_task(self, experience: Trajectory) -> torch.Tensor:
+        """The task inference's belief ``[belief_dim]`` from one batch of episodes."""
+        return self._inference().infer(*self.task_inputs(experience))
 
-    def success_points(self, experience: Trajectory) -> torch.Tensor:
-        """The locator's points ``[M, task_dim]`` (normalised) at the token steps whose success flag is set."""
-        _, obs, _, _, successes, valid = self._token_inputs(experience)
-        return self.locator.point(obs[(successes > 0) & valid])
+    def task_inputs(self, experience: Trajectory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What task inference reads at the token steps of one batch of episodes, flattened over them:
+        normalised states ``[N, obs_dim]``, scaled rewards, success flags and the mask of real steps (``[N]`` each)."""
+        _, obs, _, rewards, successes, valid = self._token_inputs(experience)
+        return obs.flatten(0, 1), rewards.flatten(), successes.flatten(), valid.flatten()
 
     def _token_inputs(self, experience: Trajectory) -> tuple[torch.Tensor, ...]:
         """Token step indices and, at those steps ``[B, S]``: normalised states (``[B, S, obs_dim]``),

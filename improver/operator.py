@@ -116,9 +116,10 @@ class BehaviourPolicy(nn.Module):
         obs = observations.to(self.z)
         return self.net.head.act(self.net.normalize(obs), self.z)
 
-    def aiming(self, offset: torch.Tensor) -> BehaviourPolicy:
-        """The same behaviour aimed at the inferred goal plus ``offset`` ``[task_dim]`` (task units); shares the network."""
-        return BehaviourPolicy(self.net, self.net.aimed(self.z, offset)).eval()
+    def shifted(self, offset: torch.Tensor) -> BehaviourPolicy:
+        """The same behaviour acting on the inferred task moved by ``offset`` ``[task_dim]`` (the task
+        parameters' own units); shares the network."""
+        return BehaviourPolicy(self.net, self.net.shifted(self.z, offset)).eval()
 
 
 class Improver(nn.Module):
@@ -133,8 +134,8 @@ class Improver(nn.Module):
         reward_free: Meta-trained on the rewards of its ranking reward model (``reward_model``,
             attach one before use): every step scores the experience with that model, whether or
             not the experience carries the environment's rewards, so the scale it learned holds.
-        aim_offset: ``[task_dim]`` added to every inferred goal (the goal's units), e.g. as
-            :func:`improver.refine.calibrate_aim` chose it on the training tasks; ``None``: zeros.
+        aim_offset: ``[task_dim]`` added to every inferred task (in the task parameters' own units),
+            e.g. as :func:`improver.refine.calibrate_aim` chose it on the training tasks; ``None``: zeros.
         loop_settings: The improvement loop's settings this improver is meant to be used with
             (saved with it; the defaults of ``improve`` and the commands); ``None``: a bare
             improver's (parameters mode, no exploration).
@@ -153,12 +154,12 @@ class Improver(nn.Module):
         if aim_offset is not None and (
             len(aim_offset) != config.task_dim or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in aim_offset)
         ):
-            raise ValueError(f"aim_offset needs one finite number per goal coordinate ({config.task_dim}); got {aim_offset!r}")
+            raise ValueError(f"aim_offset needs one finite number per task parameter ({config.task_dim}); got {aim_offset!r}")
         loop_settings = LoopSettings() if loop_settings is None else loop_settings
         if not isinstance(loop_settings, LoopSettings):
             raise TypeError(f"loop_settings must be an improver.loop_settings.LoopSettings; got {type(loop_settings).__name__}")
         if (loop_settings.task_exploration or loop_settings.wide_task_exploration) and not config.task_dim:
-            raise ValueError("loop_settings with goal exploration need an improver that infers the goal (task_dim > 0)")
+            raise ValueError("loop_settings with task exploration need an improver that infers the task (task_dim > 0)")
         self.loop_settings = loop_settings
         self.config = config
         self.fit_epochs = fit_epochs
@@ -208,7 +209,7 @@ class Improver(nn.Module):
 
     def context(self, policy: nn.Module, experience: Trajectory, inputs: PolicyInputs = "observations") -> torch.Tensor:
         """Context ``z`` ``[context_dim]`` summarising the policy (acting on ``inputs``) and its experience
-        (with ``aim_offset`` added to the goal it infers). The policy runs in eval mode and is left as it was."""
+        (with ``aim_offset`` added to the task it infers). The policy runs in eval mode and is left as it was."""
         device = self.log_lrs.device
         experience = experience.to(device)
         states, policy_inputs = policy_inputs_of(experience, inputs)
@@ -219,7 +220,7 @@ class Improver(nn.Module):
         if not bool((actions.abs() <= VALUE_LIMIT).all()):
             raise ValueError(f"the policy returned NaN, infinite or huge (beyond +-{VALUE_LIMIT:g}) actions on the experience's states; fix the policy first")
         z = self.net.encode(experience, actions, states[probes])
-        return self.net.aimed(z, torch.tensor(self.aim_offset)) if any(self.aim_offset) else z
+        return self.net.shifted(z, torch.tensor(self.aim_offset)) if any(self.aim_offset) else z
 
     def step(
         self,

@@ -1,18 +1,19 @@
-"""On-policy training of the goal locator: locate goals from the episodes the improver's own loop collects.
+"""On-policy training of the task inference: infer tasks from the episodes the improver's own loop collects.
 
-Meta-training shows the locator the lesser policies' episodes and their tasks' noise ladders.
-From step 2 on, the loop shows it something else: episodes of improved policies that aimed at
-its previous estimate (plus goal exploration), which cluster around that estimate. As in
-DAgger, the cure for that shift is to train on the states the learner visits itself:
+Meta-training shows the task inference the lesser policies' episodes and their tasks' noise
+ladders. From step 2 on, the loop shows it something else: episodes of improved policies that
+acted on its previous estimate (plus task exploration), which cluster around that estimate. As
+in DAgger, the cure for that shift is to train on the states the learner visits itself:
 :func:`refine_locator` runs the behaviour loop on the training tasks, keeps every step's
-experience with the task's true goal, and fits only the locator to locate the goal from each.
+experience with the task's true parameters, and fits only the task inference to infer them from
+each (:meth:`~improver.task_inference.TaskInference.experience_loss`).
 
 The behaviour head meets the same shift: meta-training shows it the lesser policies' states and
 the expert's, while the loop's improved policies reach states of their own (pick-place-v3: the
 hand hovering above the object, which the head never learned to leave). With ``head_steps`` the
 head is also fitted, DAgger-style, to the scripted expert's actions on the states of the loop's
-steps 1 and on, under the context the loop computed there with the true goal in place of the
-estimate (as meta-training's goal forcing does).
+steps 1 and on, under the context the loop computed there with the belief that holds the true
+task parameters in place of the inferred one (as meta-training's task forcing does).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Any, NamedTuple, Sequence
 
 import h5py
 import torch
-from torch import nn
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
@@ -35,13 +35,15 @@ from improver.types import Trajectory
 from .io import atomic_path
 from .loop import improvement_loop
 from .loop_settings import LoopSettings
-from .meta_train import locate_error, normalized_goal
+from .meta_train import task_target
+from .network import ImprovementNet
 from .operator import BehaviourPolicy, Improver
+from .task_inference import task_parameters
 
 
 @dataclass(frozen=True)
 class RefineConfig:
-    """Settings of :func:`refine_locator`: the loop that collects, then the locator's fit."""
+    """Settings of :func:`refine_locator`: the loop that collects, then the task inference's fit."""
 
     loop_steps: int = 3
     """Improvement steps per training task (each one's episodes are kept, step 0's too)."""
@@ -50,34 +52,33 @@ class RefineConfig:
     exploration: float = 0.3
     """Action noise while collecting (as in the loop the improver will be used in)."""
     task_exploration: float = 0.04
-    """Goal exploration while collecting, in the goal's units."""
+    """Task exploration while collecting, in the task parameters' units."""
     wide_task_exploration: float = 0.0
-    """Goal exploration of a step whose previous step's episodes all failed (0: ``task_exploration``):
-    collect under the rule the improver will be used with, so the locator sees the spread it will see."""
+    """Task exploration of a step whose previous step's episodes all failed (0: ``task_exploration``):
+    collect under the rule the improver will be used with, so the task inference sees the spread it will see."""
     max_success: float = 0.3
     """Each task's loop starts from its first lesser policy with at most this recorded success."""
     steps: int = 500
-    """Optimiser steps of the locator's fit."""
+    """Optimiser steps of the task inference's fit."""
     batch_size: int = 32
     """Experiences (one step's episodes each) per optimiser step."""
     lr: float = 1e-2
-    """Adam learning rate (the locator has a few dozen parameters)."""
-    point_weight: float = 1.0
-    """Weight of the success-point error: where the success flag is set the object is at the goal,
-    so the locator's point of that step should be the goal. Without it the learned projection
-    shrank toward the goals' mean (push-v3: a puck 6 cm from the middle got a point 2.8 cm from
-    it; held-out goal error from step-3 loop episodes 0.047 m without, 0.031 m with)."""
+    """Adam learning rate of the task inference's fit."""
+    experience_weight: float = 1.0
+    """Weight of the task inference's own term on the loop's experience (see
+    :meth:`~improver.task_inference.TaskInference.experience_loss`)."""
     head_steps: int = 0
-    """Optimiser steps of the behaviour head's DAgger fit (0: the locator only)."""
+    """Optimiser steps of the behaviour head's DAgger fit (0: the task inference only)."""
     head_lr: float = 3e-4
     """Adam learning rate of the head's fit."""
     head_batch_size: int = 2048
     """States per optimiser step of the head's fit."""
-    goal_forcing: float = 0.1
-    """Noise on the true goal (normalised units) that the head's fit puts in the context, as in meta-training."""
+    task_forcing: float = 0.1
+    """Noise (normalised units) on the belief that holds the true task parameters, which the head's fit
+    puts in the context, as in meta-training."""
     aim_candidates: tuple[float, ...] = ()
-    """Offsets (the goal's units) tried along each goal axis in turn for the improver's ``aim_offset``
-    (:func:`calibrate_aim`); empty: no calibration."""
+    """Offsets (the task parameters' units) tried along each task-parameter axis in turn for the improver's
+    ``aim_offset`` (:func:`calibrate_aim`); empty: no calibration."""
     seed: int = 0
     """Seed of the collected episodes and the fit."""
 
@@ -127,27 +128,28 @@ def refine_locator(
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
 ) -> tuple[Improver, dict[str, float]]:
-    """Train ``improver``'s goal locator on its own loop's episodes on ``dataset``'s (training) tasks.
+    """Train ``improver``'s task inference on its own loop's episodes on ``dataset``'s (training) tasks.
 
     The episodes go to ``out/episodes`` (one file per task: a killed run resumes where it was),
     the refined improver to ``out/improver`` (with ``metadata``, e.g. the source's record). Only the
-    locator's parameters change, and with ``config.head_steps`` the behaviour head's (:func:`fit_head`).
+    task inference's parameters change, and with ``config.head_steps`` the behaviour head's (:func:`fit_head`).
     Processes started with ``accelerate launch`` split the tasks. The refined improver's
     ``loop_settings`` become those of the loop it was refined in (behaviour mode, ``config``'s exploration).
 
     Returns:
-        The refined improver and the locator's mean goal error (in the goal's units) on the
-        collected episodes before and after the fit: ``error_before``, ``error_after``
-        (training episodes: this says the fit worked, not how it does on held-out goals);
+        The refined improver and the mean distance of its estimate from the true task parameters
+        (in their units) on the collected episodes before and after the fit: ``error_before``, ``error_after``
+        (training episodes: this says the fit worked, not how it does on held-out tasks);
         with ``head_steps`` also :func:`fit_head`'s scores.
 
     Raises:
-        ValueError: if the improver infers no goal, no lesser policy qualifies, or the head is
+        ValueError: if the improver infers no task, no lesser policy qualifies, or the head is
             to be fitted on episodes collected without the expert's actions.
     """
     net = improver.net
-    if net.locator is None:
-        raise ValueError("this improver infers no goal (task_dim 0): there is no locator to refine")
+    inference = net.task_inference
+    if inference is None:
+        raise ValueError("this improver infers no task (task_dim 0): there is no task inference to refine")
     out = Path(out)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     improver = improver.to(accelerator.device)
@@ -158,13 +160,13 @@ def refine_locator(
         experiences = [improver.scored(e.to(accelerator.device)) for path in sorted((out / "episodes").glob("task-*.h5")) for e in _read_steps(path)]
     before = _mean_error(improver, experiences)
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.Adam(net.locator.parameters(), lr=config.lr)
-    for _ in tqdm(range(config.steps), desc="fit locator", disable=not (progress and accelerator.is_local_main_process)):
+    optimizer = torch.optim.Adam(inference.parameters(), lr=config.lr)
+    for _ in tqdm(range(config.steps), desc="fit task inference", disable=not (progress and accelerator.is_local_main_process)):
         batch = torch.randperm(len(experiences), generator=generator)[: config.batch_size].tolist()
-        loss = sum(refine_error(net, experiences[i], config.point_weight) for i in batch) / len(batch)
+        loss = sum(refine_error(net, experiences[i], config.experience_weight) for i in batch) / len(batch)
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.locator.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(inference.parameters(), 1.0)
         optimizer.step()
     scores = {"error_before": before, "error_after": _mean_error(improver, experiences), "experiences": len(experiences)}
     if config.head_steps:
@@ -183,14 +185,9 @@ def refine_locator(
     return improver, scores
 
 
-def refine_error(net: nn.Module, experience: Trajectory, point_weight: float) -> torch.Tensor:
-    """The locator's error on one experience: :func:`~improver.meta_train.locate_error` plus
-    ``point_weight`` times the mean squared distance of its success steps' points from the goal."""
-    error = locate_error(net, experience)
-    points = net.success_points(experience)
-    if len(points):
-        error = error + point_weight * ((points - normalized_goal(net, experience)) ** 2).sum(dim=-1).mean()
-    return error
+def refine_error(net: ImprovementNet, experience: Trajectory, weight: float) -> torch.Tensor:
+    """The task inference's :meth:`~improver.task_inference.TaskInference.experience_loss` on one experience (its own term weighted by ``weight``)."""
+    return net.task_inference.experience_loss(*net.task_inputs(experience), task_target(net, experience), weight)
 
 
 class HeadData(NamedTuple):
@@ -202,8 +199,8 @@ class HeadData(NamedTuple):
     """``[N, act_dim]`` the expert's actions on them."""
     contexts: torch.Tensor
     """``[E, context_dim]`` the context of each experience (one loop step of one task)."""
-    goals: torch.Tensor
-    """``[E, task_dim]`` each experience's true goal, in the goal's units."""
+    parameters: torch.Tensor
+    """``[E, task_dim]`` each experience's true task parameters, in their own units."""
     experience: torch.Tensor
     """``[N]`` the experience each state belongs to."""
 
@@ -211,19 +208,19 @@ class HeadData(NamedTuple):
 def fit_head(improver: Improver, data: HeadData, config: RefineConfig, generator: torch.Generator, progress: bool = True) -> dict[str, float]:
     """Fit ``improver``'s behaviour head to the expert's actions on the loop's states (in place).
 
-    Returns the squared error of the head's actions on all the states (true goal, no noise) before
+    Returns the squared error of the head's actions on all the states (true task, no noise) before
     and after: ``head_mse_before``, ``head_mse_after`` (training states: the fit worked, no more).
     """
     net = improver.net
+    inference = net.task_inference
     device = improver.log_lrs.device
     data = HeadData(*(t.to(device) for t in data))
-    goals = (data.goals - net.task_mean) / net.task_std
+    targets = inference.normalize(data.parameters)
 
     def loss(rows: torch.Tensor, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
         which = data.experience[rows]
-        part = goals[which][:, None, :].expand(-1, 2, -1)
-        part = part + noise * torch.randn(part.shape, generator=generator).to(device)
-        z = net.with_task_part(data.contexts[which], part)
+        belief = inference.forced(targets[which], noise * torch.randn((len(rows), inference.belief_dim), generator=generator).to(device))
+        z = net.with_belief(data.contexts[which], belief)
         return net.head.imitation_loss(net.normalize(data.states[rows]), z, data.actions[rows])
 
     def mse() -> float:
@@ -233,7 +230,7 @@ def fit_head(improver: Improver, data: HeadData, config: RefineConfig, generator
     before = mse()
     optimizer = torch.optim.Adam(net.head.parameters(), lr=config.head_lr)
     for _ in tqdm(range(config.head_steps), desc="fit head", disable=not progress):
-        nll, mode = loss(torch.randint(len(data.states), (config.head_batch_size,), generator=generator).to(device), config.goal_forcing)
+        nll, mode = loss(torch.randint(len(data.states), (config.head_batch_size,), generator=generator).to(device), config.task_forcing)
         optimizer.zero_grad()
         (nll + mode).backward()
         torch.nn.utils.clip_grad_norm_(net.head.parameters(), 1.0)
@@ -246,10 +243,10 @@ def calibrate_aim(
 ) -> tuple[tuple[float, ...], list[float]]:
     """Choose the improver's ``aim_offset`` on the training tasks of the loop episodes in ``folder``.
 
-    An imitated expert can leave what it carries off the goal it is given (pick-place-v3's holds the
-    object 4.5 cm under the hand it brings to the goal), so aiming exactly at the located goal is not
+    An imitated expert can leave what it carries off the target it is given (pick-place-v3's holds the
+    object 4.5 cm under the hand it brings to the target), so acting exactly on the inferred task is not
     always best. From each task's last loop context, the head acts without noise for one episode per
-    offset; along each goal axis in turn the offset with the highest mean return over the tasks is kept
+    offset; along each task-parameter axis in turn the offset with the highest mean return over the tasks is kept
     (the others' values fixed). The contexts already hold the collecting improver's ``aim_offset``, so
     the result adds to it.
 
@@ -271,7 +268,7 @@ def calibrate_aim(
 
     def mean_return(offset: torch.Tensor) -> float:
         with torch.no_grad():
-            total = sum(float(rollout(BehaviourPolicy(net, net.aimed(z, offset)).eval(), task, 1, seed=seed, progress=False).returns.mean()) for task, z in finals)
+            total = sum(float(rollout(BehaviourPolicy(net, net.shifted(z, offset)).eval(), task, 1, seed=seed, progress=False).returns.mean()) for task, z in finals)
         bar.update(1)
         return total / len(finals)
 
@@ -292,7 +289,7 @@ def calibrate_aim(
 
 
 def _read_head_data(folder: Path) -> HeadData:
-    states, actions, contexts, goals, owner = [], [], [], [], []
+    states, actions, contexts, parameters, owner = [], [], [], [], []
     for path in sorted(folder.glob("task-*.h5")):
         with h5py.File(path, "r") as f:
             for name in sorted(f, key=int):
@@ -305,11 +302,11 @@ def _read_head_data(folder: Path) -> HeadData:
                 states.append(experience.observations[mask])
                 actions.append(torch.from_numpy(f[name]["expert_actions"][()])[mask])
                 contexts.append(torch.from_numpy(f[name]["context"][()]))
-                goals.append(torch.tensor(experience.tasks[0].goal, dtype=torch.float32))
+                parameters.append(task_parameters(experience.tasks[0]))
                 owner.append(torch.full((int(mask.sum()),), len(owner)))
     if not states:
         raise ValueError(f"{folder} holds no loop step after step 0 to fit the head on (loop_steps must be at least 1)")
-    return HeadData(torch.cat(states).float(), torch.cat(actions).float(), torch.stack(contexts), torch.stack(goals), torch.cat(owner))
+    return HeadData(torch.cat(states).float(), torch.cat(actions).float(), torch.stack(contexts), torch.stack(parameters), torch.cat(owner))
 
 
 def _task_file(folder: Path, task: int) -> Path:
@@ -322,8 +319,8 @@ def _read_steps(path: Path) -> list[Trajectory]:
 
 
 def _mean_error(improver: Improver, experiences: list[Trajectory]) -> float:
-    """Mean distance between the located goal and the true goal, in the goal's units."""
+    """Mean distance between the estimated and the true task parameters, in their own units."""
     net = improver.net
     with torch.no_grad():
-        errors = [((net.locate(e)[: net.config.task_dim] - normalized_goal(net, e)) * net.task_std).norm() for e in experiences]
+        errors = [(net.task_inference.estimate(net.infer_task(e)) - task_parameters(e.tasks[0]).to(e.observations)).norm() for e in experiences]
     return float(torch.stack(errors).mean())

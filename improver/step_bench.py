@@ -33,14 +33,14 @@ def random_experience(improver: Improver, episodes: int, steps: int = 500, seed:
     net = improver.net
     generator = torch.Generator().manual_seed(seed)
     shape = (episodes, steps)
-    goal = (0.0,) * improver.config.task_dim
+    unknown = (0.0,) * improver.config.task_dim  # task parameters: a step never reads them
     return Trajectory(
         observations=net.obs_mean + net.obs_std * torch.randn(*shape, improver.config.obs_dim, generator=generator),
         actions=torch.rand(*shape, improver.config.act_dim, generator=generator) * 2 - 1,
         rewards=torch.rand(*shape, generator=generator) * net.reward_scale,
         successes=torch.zeros(shape, dtype=torch.bool),
         mask=torch.ones(shape, dtype=torch.bool),
-        tasks=tuple(TaskInfo("random", "random", "test", 0, 0, i, goal, "random") for i in range(episodes)),
+        tasks=tuple(TaskInfo("random", "random", "test", 0, 0, i, unknown, "random") for i in range(episodes)),
     )
 
 

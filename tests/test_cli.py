@@ -66,3 +66,14 @@ def test_improve_reads_the_task_from_the_policys_record_and_the_settings_from_th
     save_policy(MLPPolicy(4, 2), tmp_path / "anonymous")
     with pytest.raises(ValueError, match="its record names no suite; give --suite"):
         main(["improve", "--policy", str(tmp_path / "anonymous"), "--improver", str(carrying_improver)])
+
+
+@pytest.mark.parametrize("choice, task_dim", [("learned", 2), ("none", 0)])
+def test_meta_train_chooses_the_task_inference(toy_dataset, tmp_path, choice, task_dim):
+    from improver.operator import Improver
+
+    main(["meta-train", "--data", str(toy_dataset), "--out", str(tmp_path), "--steps", "1", "--batch-size", "2", "--width", "16",
+          "--distill-weight", "0", "--task-inference", choice])
+    improver = Improver.from_pretrained(tmp_path / "improver")
+    assert improver.config.task_dim == task_dim and improver.fit_epochs == 20
+    assert (improver.config.task_inference == "learned") == (choice == "learned")

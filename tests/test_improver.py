@@ -2,6 +2,7 @@ import copy
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -421,7 +422,7 @@ def test_loop_settings_travel_with_the_checkpoint(tmp_path):
             Improver.from_pretrained(tmp_path / "imp")
     with pytest.raises(ValueError, match="task_exploration needs mode='behaviour'"):
         LoopSettings(task_exploration=0.04)
-    with pytest.raises(ValueError, match="infers the goal"):
+    with pytest.raises(ValueError, match="need an improver that infers the task"):
         Improver(NetworkConfig(4, 2, width=16), loop_settings=settings)
 
 
@@ -431,3 +432,35 @@ def test_shipped_improvers_carry_their_documented_loop_settings():
     assert Improver.from_pretrained("pretrained/push-v3/improver").loop_settings == LoopSettings("behaviour", 0.3, 0.04, 0.08, 1)
     assert Improver.from_pretrained("pretrained/reach-v3/improver").loop_settings == LoopSettings("behaviour", 0.3, 0.0, 0.0, 1)
     assert Improver.from_pretrained("pretrained/pick-place-v3/improver").loop_settings == LoopSettings("behaviour", 0.3, 0.04, 0.08, 1)
+
+
+def test_a_shipped_improver_of_the_old_layout_still_infers_the_task_and_acts(tmp_path):
+    from safetensors.torch import load_file
+
+    from improver.step_bench import random_experience
+    from improver.task_inference import BOUND, GoalLocator
+
+    path = Path("pretrained/reach-v3/improver")
+    assert "task_inference" not in json.loads((path / "config.json").read_text())["network"]  # written before the choice existed
+    stored = load_file(path / "model.safetensors")
+    assert {"net.task_mean", "net.task_std", "net.locator.point.weight"} <= stored.keys()  # and before the keys moved
+    improver = Improver.from_pretrained(path)
+    inference = improver.net.task_inference
+    assert isinstance(inference, GoalLocator) and improver.config.task_inference == "goal-locator"
+    assert improver.net.context_dim == 64 + 2 * 3  # as trained: the summary, then the goal estimate and vote
+    assert torch.equal(inference.point.weight, stored["net.locator.point.weight"]) and torch.equal(inference.task_std, stored["net.task_std"])
+    experience = random_experience(improver, 2, steps=100)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        policy = MLPPolicy(39, 4)
+    behaviour = improver.step(policy, experience, mode="behaviour")
+    estimate = improver.net.task_estimate(behaviour.z)
+    assert behaviour.z.shape == (70,) and behaviour.z.isfinite().all()
+    assert estimate.isfinite().all() and (inference.normalize(estimate).abs() <= BOUND + 1e-5).all()
+    actions = behaviour(experience.observations[0])
+    assert actions.shape == (100, 4) and actions.isfinite().all()
+    # saved again, it is written under the keys of now and reads back the same
+    improver.save_pretrained(tmp_path / "resaved")
+    assert "net.task_inference.point.weight" in load_file(tmp_path / "resaved" / "model.safetensors")
+    reloaded = Improver.from_pretrained(tmp_path / "resaved")
+    assert torch.equal(reloaded.step(policy, experience, mode="behaviour").z, behaviour.z)

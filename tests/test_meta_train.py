@@ -119,7 +119,7 @@ def test_reward_free_meta_training_reads_the_ranking_reward_everywhere(toy_datas
                                reloaded.context(policy, reloaded.scored(replace(example.lesser, rewards=None))))
 
 
-def test_the_locator_also_learns_from_each_tasks_noise_ladder(toy_dataset, tmp_path):
+def test_the_task_inference_also_learns_from_each_tasks_noise_ladder(toy_dataset, tmp_path):
     from improver.meta_train import _ladders
 
     data = ImprovementDataset(toy_dataset)
@@ -129,12 +129,57 @@ def test_the_locator_also_learns_from_each_tasks_noise_ladder(toy_dataset, tmp_p
     example = data.example(0)
     ladder = ladders[example.lesser.tasks[0].index]
     assert {info.index for info in ladder.tasks} == {example.lesser.tasks[0].index} and ladder.num_episodes > 1
-    config = MetaTrainConfig(distill_weight=0.0, goal_forcing=None)
+    config = MetaTrainConfig(distill_weight=0.0, task_forcing=None)
     plain = example_loss(improver, example, config, torch.Generator().manual_seed(0))[1]["task_mse"]
     both = example_loss(improver, example, config, torch.Generator().manual_seed(0), locate_also=ladder)[1]["task_mse"]
-    located = improver.net.locate(ladder).unflatten(-1, (2, -1))
-    truth = (torch.tensor(example.lesser.tasks[0].goal) - improver.net.task_mean) / improver.net.task_std
-    assert both == pytest.approx((plain + torch.nn.functional.mse_loss(located, truth.expand(2, -1)).item()) / 2, rel=1e-4)
+    inferred = improver.net.infer_task(ladder).unflatten(-1, (2, -1))  # the goal locator's estimate and vote
+    truth = (torch.tensor(example.lesser.tasks[0].goal) - improver.net.task_inference.task_mean) / improver.net.task_inference.task_std
+    assert both == pytest.approx((plain + torch.nn.functional.mse_loss(inferred, truth.expand(2, -1)).item()) / 2, rel=1e-4)
+
+
+def inference_error(improver, data):
+    """Mean distance of the estimate from the true task parameters over the dataset's lesser experiences (their units)."""
+    from improver.task_inference import task_parameters
+
+    net = improver.net
+    with torch.no_grad():
+        errors = [(net.task_inference.estimate(net.infer_task(data.example(i).lesser)) - task_parameters(data.example(i).lesser.tasks[0])).norm()
+                  for i in range(len(data))]
+    return float(torch.stack(errors).mean())
+
+
+def test_meta_training_the_learned_task_encoder_lowers_its_error(toy_dataset, tmp_path):
+    from improver.meta_train import build_improver
+    from improver.task_inference import LearnedTaskEncoder, task_parameters
+
+    data = ImprovementDataset(toy_dataset)
+    improver = build_improver(data, width=16, token_stride=1, task_inference="learned", seed=0)
+    assert isinstance(improver.net.task_inference, LearnedTaskEncoder) and improver.config.task_dim == 2
+    fit_normalization(improver, data)
+    before = inference_error(improver, data)
+    parameters = torch.stack([task_parameters(data.example(i).lesser.tasks[0]) for i in range(len(data))])
+    mean = float((parameters - parameters.mean(dim=0)).norm(dim=-1).mean())
+    config = MetaTrainConfig(steps=60, batch_size=3, distill_weight=0.0, checkpoint_every=60)
+    trained = meta_train(improver, data, config, tmp_path, progress=False)
+    after = inference_error(trained, data)
+    print(f"learned encoder's error on the training tasks: {before:.3f} -> {after:.3f} (the tasks' mean: {mean:.3f})")
+    assert after < 0.5 * before and after < 0.5 * mean
+    reloaded = Improver.from_pretrained(tmp_path / "improver")
+    assert reloaded.config.task_inference == "learned"
+    assert inference_error(reloaded, data) == pytest.approx(after)
+
+
+def test_build_improver_reads_the_sizes_from_the_dataset(toy_dataset):
+    from improver.meta_train import build_improver
+
+    data = ImprovementDataset(toy_dataset)
+    improver = build_improver(data, width=16, distill_steps=4, fit_epochs=0, seed=3)
+    assert (improver.config.obs_dim, improver.config.act_dim, improver.config.task_dim) == (4, 2, 2)
+    assert improver.config.task_inference == "goal-locator" and improver.distill_steps == 4 and improver.fit_epochs == 0
+    again = build_improver(data, width=16, distill_steps=4, fit_epochs=0, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(improver.state_dict().values(), again.state_dict().values()))  # seeded
+    bare = build_improver(data, width=16, task_inference=None, reward_free=True)
+    assert bare.config.task_dim == 0 and bare.net.task_inference is None and bare.reward_free and bare.fit_epochs == 20
 
 
 SHORT = MetaTrainConfig(steps=2, batch_size=2, distill_states=16, checkpoint_every=1)
@@ -222,6 +267,26 @@ def test_resuming_with_other_settings_is_refused_and_changes_nothing(finished_ru
     with pytest.raises(ValueError, match=f"was started with {setting}=.*this run asks for {setting}=.*use a new --out"):
         meta_train(improver, ImprovementDataset(data), config, finished_run, progress=False)
     assert snapshot(finished_run) == before
+
+
+def test_a_run_recorded_under_the_old_setting_names_resumes(finished_run, toy_dataset, tmp_path):
+    old = copy_of(finished_run, tmp_path)
+    settings = json.loads((old / "settings.json").read_text())
+    settings["meta_train"] = {("goal_forcing" if k == "task_forcing" else k): v for k, v in settings["meta_train"].items()}
+    del settings["network"]["task_inference"]  # recorded before the choice existed
+    (old / "settings.json").write_text(json.dumps(settings))
+    data = ImprovementDataset(toy_dataset)
+    meta_train(fresh_improver(), data, replace(SHORT, steps=3), old, progress=False)
+    meta_train(fresh_improver(), data, replace(SHORT, steps=3), tmp_path / "straight", progress=False)
+    a, b = load_file(old / "improver" / "model.safetensors"), load_file(tmp_path / "straight" / "improver" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rewritten = json.loads((old / "settings.json").read_text())
+    assert rewritten["meta_train"]["task_forcing"] == SHORT.task_forcing and rewritten["network"]["task_inference"] == "goal-locator"
+    # a changed value under the old name is still a change
+    settings["meta_train"]["goal_forcing"] = 0.5
+    (old / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="was started with task_forcing=0.5"):
+        meta_train(fresh_improver(), data, replace(SHORT, steps=4), old, progress=False)
 
 
 def test_steps_below_the_checkpoint_are_refused(finished_run, toy_dataset):

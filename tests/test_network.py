@@ -1,52 +1,8 @@
 import pytest
 import torch
 
-from improver.network import GoalLocator, ImprovementNet, NetworkConfig
+from improver.network import ImprovementNet, NetworkConfig
 from improver.types import TaskInfo, Trajectory
-
-
-def episodes(goals, steps=30):
-    """Random visited points around each goal and the reward ``-|p - g|`` the toy suite gives."""
-    points = torch.rand(len(goals), steps, 2) * 2 - 1
-    rewards = -(points - goals[:, None]).norm(dim=-1)
-    return points, rewards
-
-
-def test_goal_locator_learns_to_trilaterate_goals_it_never_saw():
-    torch.manual_seed(0)
-    locator = GoalLocator(obs_dim=2, task_dim=2)
-    optimizer = torch.optim.Adam(locator.parameters(), lr=1e-2)
-    valid = torch.ones(30, dtype=torch.bool)
-    train_goals = torch.rand(20, 2) * 2 - 1
-    for _ in range(300):
-        points, rewards = episodes(train_goals)
-        estimates = torch.stack([locator(p, r, torch.zeros_like(r), valid) for p, r in zip(points, rewards)])
-        loss = (estimates - train_goals.repeat(1, 2)).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    test_goals = torch.rand(50, 2) * 2 - 1
-    points, rewards = episodes(test_goals)
-    with torch.no_grad():
-        estimates = torch.stack([locator(p, r, torch.zeros_like(r), valid) for p, r in zip(points, rewards)])
-    error = (estimates[:, :2] - test_goals).norm(dim=-1).mean().item()
-    best_visited = points[torch.arange(50), rewards.argmax(dim=1)]
-    heuristic = (best_visited - test_goals).norm(dim=-1).mean().item()
-    print(f"held-out goal error: locator {error:.3f}, best visited point {heuristic:.3f}")
-    assert error < 0.5 * heuristic  # measured: 0.045 against 0.19
-
-
-def test_goal_locator_ignores_padding():
-    torch.manual_seed(0)
-    locator = GoalLocator(obs_dim=2, task_dim=2)
-    points, rewards = episodes(torch.zeros(1, 2))
-    valid = torch.arange(30) < 20
-    garbage = points[0].clone()
-    garbage[20:] = 1e3
-    with torch.no_grad():
-        a = locator(points[0], rewards[0], torch.zeros(30), valid)
-        b = locator(garbage, rewards[0], torch.zeros(30), valid)
-    torch.testing.assert_close(a, b)
 
 
 def experience_padded_with(fill: float) -> Trajectory:
@@ -64,16 +20,19 @@ def experience_padded_with(fill: float) -> Trajectory:
     )
 
 
+@pytest.mark.parametrize("inference", ["goal-locator", "learned"])
 @pytest.mark.parametrize("fill", [float("nan"), float("inf"), 1e30])
-def test_padding_never_reaches_the_network(fill):
+def test_padding_never_reaches_the_network(fill, inference):
     torch.manual_seed(0)
-    net = ImprovementNet(NetworkConfig(4, 2, width=16, token_stride=2, task_dim=2)).eval()
+    net = ImprovementNet(NetworkConfig(4, 2, width=16, token_stride=2, task_dim=2, task_inference=inference)).eval()
     zeros, garbage = experience_padded_with(0.0), experience_padded_with(fill)
     probes, actions = torch.randn(16, 4), torch.randn(16, 2)
     with torch.no_grad():
         assert torch.equal(net.encode(garbage, actions, probes), net.encode(zeros, actions, probes))
-        assert torch.equal(net.locate(garbage), net.locate(zeros))
-        assert torch.equal(net.success_points(garbage), net.success_points(zeros))
+        assert torch.equal(net.infer_task(garbage), net.infer_task(zeros))
+        target = torch.tensor([0.5, -0.5])  # every step succeeds: the goal locator's success-point term counts too
+        assert torch.equal(net.task_inference.experience_loss(*net.task_inputs(garbage), target),
+                           net.task_inference.experience_loss(*net.task_inputs(zeros), target))
     assert torch.isfinite(net.encode(garbage, actions, probes)).all()
 
 
@@ -88,3 +47,30 @@ def test_encoder_attends_within_chunks_of_whole_episodes_and_one_chunk_is_one_se
         net.chunk_tokens = 13  # room for two whole episodes of 6 tokens, not three
         torch.testing.assert_close(net.pool(tokens, valid), sum(parts) / valid.sum())
         assert not torch.allclose(net.pool(tokens, valid), (single * valid.flatten()[:, None]).sum(dim=0) / valid.sum())
+
+
+def test_the_task_inference_is_chosen_by_name_and_sizes_z():
+    for name, belief_dim in (("goal-locator", 4), ("learned", 2)):
+        net = ImprovementNet(NetworkConfig(4, 2, width=16, task_dim=2, task_inference=name))
+        assert net.task_inference.belief_dim == belief_dim and net.context_dim == 16 + belief_dim
+    bare = ImprovementNet(NetworkConfig(4, 2, width=16, task_inference="learned"))
+    assert bare.task_inference is None and bare.context_dim == 16
+    with pytest.raises(ValueError, match="infers no task"):
+        bare.shifted(torch.zeros(16), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"task_inference must be one of \['goal-locator', 'learned'\]; got 'oracle'"):
+        NetworkConfig(4, 2, task_inference="oracle")
+
+
+@pytest.mark.parametrize("task_dim", [0, 2])
+def test_state_dicts_of_the_old_layout_load_under_the_new_keys(task_dim):
+    torch.manual_seed(0)
+    net = ImprovementNet(NetworkConfig(4, 2, width=16, task_dim=task_dim))
+    for name, buffer in net.named_buffers():
+        buffer.copy_(torch.rand_like(buffer))  # normalisation not at its defaults, so a lost buffer shows
+    # The old layout: the normalisation of the task parameters on the network (empty without them), the goal locator as `locator`.
+    old = {k.replace("task_inference.", "locator.", 1): v for k, v in net.state_dict().items() if not k.startswith("task_inference.task_")}
+    old |= {"task_mean": net.task_inference.task_mean, "task_std": net.task_inference.task_std} if task_dim else {"task_mean": torch.zeros(0), "task_std": torch.ones(0)}
+    fresh = ImprovementNet(NetworkConfig(4, 2, width=16, task_dim=task_dim))
+    fresh.load_state_dict(old)
+    assert fresh.state_dict().keys() == net.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))

@@ -11,7 +11,7 @@ from improver.refine import RefineConfig, refine_locator
 
 @pytest.fixture(scope="module")
 def locating(toy_dataset, tmp_path_factory):
-    """A toy improver that infers the goal, briefly meta-trained."""
+    """A toy improver that infers the task with the goal locator, briefly meta-trained."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         improver = Improver(NetworkConfig(4, 2, width=16, token_stride=1, task_dim=2), distill_steps=3)
@@ -28,7 +28,7 @@ def copy_of(state):
 CONFIG = RefineConfig(loop_steps=1, episodes=2, max_success=1.0, steps=40, batch_size=4)
 
 
-def test_refining_fits_only_the_locator_to_the_loops_own_episodes(toy_dataset, locating, tmp_path):
+def test_refining_fits_only_the_task_inference_to_the_loops_own_episodes(toy_dataset, locating, tmp_path):
     data = ImprovementDataset(toy_dataset)
     refined, scores = refine_locator(copy_of(locating), data, CONFIG, tmp_path, progress=False)
     tasks = {data.example(i).lesser.tasks[0].index for i in range(len(data))}
@@ -36,21 +36,21 @@ def test_refining_fits_only_the_locator_to_the_loops_own_episodes(toy_dataset, l
     assert scores["experiences"] == 2 * len(tasks)  # steps 0 and 1 of each task's loop
     assert scores["error_after"] < scores["error_before"]
     changed = {name for name, value in refined.net.state_dict().items() if not torch.equal(value, locating[name])}
-    assert changed and all(name.startswith("locator.") for name in changed)
+    assert changed and all(name.startswith("task_inference.") for name in changed)
     reloaded = Improver.from_pretrained(tmp_path / "improver")
     torch.testing.assert_close(reloaded.net.state_dict(), refined.net.state_dict())
     # it carries the loop it was refined in as its default
     assert reloaded.loop_settings == LoopSettings("behaviour", CONFIG.exploration, CONFIG.task_exploration, CONFIG.wide_task_exploration)
 
-    # A rerun (as after a kill) reuses the episodes on disk and fits the same locator.
+    # A rerun (as after a kill) reuses the episodes on disk and fits the same task inference.
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "episodes").iterdir()}
     again, _ = refine_locator(copy_of(locating), data, CONFIG, tmp_path, progress=False)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "episodes").iterdir()} == stamps
     torch.testing.assert_close(again.net.state_dict(), refined.net.state_dict())
 
 
-def test_refining_needs_an_improver_that_infers_the_goal(toy_dataset, tmp_path):
-    with pytest.raises(ValueError, match="no locator"):
+def test_refining_needs_an_improver_that_infers_the_task(toy_dataset, tmp_path):
+    with pytest.raises(ValueError, match="infers no task .* no task inference to refine"):
         refine_locator(Improver(NetworkConfig(4, 2, width=16)), ImprovementDataset(toy_dataset), CONFIG, tmp_path, progress=False)
     assert not (tmp_path / "improver").exists()
 
@@ -66,13 +66,13 @@ def test_refine_locator_command(toy_dataset, locating, tmp_path, capsys):
     with pytest.raises(ValueError, match="no lesser policy"):
         main([*args, "--max-success", "-1"])
     main([*args, "--max-success", "1"])
-    assert "locator error on the" in capsys.readouterr().out
+    assert "task inference error on the" in capsys.readouterr().out
     record = json.loads((tmp_path / "run" / "improver" / "config.json").read_text())["metadata"]
     assert record["source_metadata"] == {"meta_train": {"steps": 20}} and record["refine_locator"]["loop_steps"] == 1
 
 
 def test_success_steps_pull_the_locators_points_onto_the_goal(toy, locating):
-    from improver.meta_train import locate_error, normalized_goal
+    from improver.meta_train import task_error, task_target
     from improver.refine import refine_error
     from improver.tasks import rollout
 
@@ -81,11 +81,12 @@ def test_success_steps_pull_the_locators_points_onto_the_goal(toy, locating):
     succeeding = rollout(toy.expert, task, 1, progress=False)
     failing = rollout(lambda obs: torch.zeros(len(obs), 2), task, 1, progress=False)
     assert succeeding.successes.any() and not failing.successes.any()
-    points = net.success_points(succeeding)
+    obs, _, successes, valid = net.task_inputs(succeeding)
+    points = net.task_inference.point(obs[(successes > 0) & valid])
     assert len(points) == int(succeeding.successes[0, : succeeding.observations.shape[1]].sum())  # token stride 1
-    expected = ((points - normalized_goal(net, succeeding)) ** 2).sum(dim=-1).mean()
-    torch.testing.assert_close(refine_error(net, succeeding, 2.0), locate_error(net, succeeding) + 2.0 * expected)
-    torch.testing.assert_close(refine_error(net, failing, 2.0), locate_error(net, failing))
+    expected = ((points - task_target(net, succeeding)) ** 2).sum(dim=-1).mean()
+    torch.testing.assert_close(refine_error(net, succeeding, 2.0), task_error(net, succeeding) + 2.0 * expected)
+    torch.testing.assert_close(refine_error(net, failing, 2.0), task_error(net, failing))
 
 
 def test_a_reward_free_improver_is_refined_on_its_ranking_rewards(toy_dataset, locating, tmp_path):
@@ -101,7 +102,7 @@ def test_a_reward_free_improver_is_refined_on_its_ranking_rewards(toy_dataset, l
     blind.reward_free, blind.reward_model = True, model
     _, env_scores = refine_locator(copy_of(locating), data, CONFIG, tmp_path, progress=False)
     _, blind_scores = refine_locator(blind, data, CONFIG, tmp_path, progress=False)
-    # Same episodes on disk, different rewards read: the locator is judged (and fitted) on the model's.
+    # Same episodes on disk, different rewards read: the task inference is judged (and fitted) on the model's.
     assert blind_scores["experiences"] == env_scores["experiences"]
     assert blind_scores["error_before"] != pytest.approx(env_scores["error_before"])
     blind.reward_model = None
@@ -152,7 +153,7 @@ def test_fitting_the_head_moves_only_the_head_toward_the_experts_actions_on_the_
         refine_locator(copy_of(locating), data, config, tmp_path, progress=False)
 
 
-def test_the_aim_offset_moves_the_inferred_goal_and_is_saved(toy, locating, tmp_path):
+def test_the_aim_offset_moves_the_inferred_task_and_is_saved(toy, locating, tmp_path):
     from improver.tasks import rollout
 
     improver = copy_of(locating)
@@ -164,7 +165,7 @@ def test_the_aim_offset_moves_the_inferred_goal_and_is_saved(toy, locating, tmp_
     torch.testing.assert_close(improver.net.task_estimate(moved) - improver.net.task_estimate(plain), torch.tensor([0.1, -0.2]))
     improver.save_pretrained(tmp_path / "aimed")
     assert Improver.from_pretrained(tmp_path / "aimed").aim_offset == (0.1, -0.2)
-    with pytest.raises(ValueError, match="one finite number per goal coordinate"):
+    with pytest.raises(ValueError, match="one finite number per task parameter"):
         Improver(NetworkConfig(4, 2, width=16, task_dim=2), aim_offset=(0.1,))
 
 
@@ -188,6 +189,23 @@ def test_the_aim_is_calibrated_on_the_training_tasks_returns(toy, toy_dataset, l
             z = torch.from_numpy(f["1"]["context"][()])
         info = _read_steps(path)[1].tasks[0]
         chosen = torch.tensor(offset) - torch.tensor([0.05, 0.0])
-        policy = BehaviourPolicy(improver.net, improver.net.aimed(z, chosen))
+        policy = BehaviourPolicy(improver.net, improver.net.shifted(z, chosen))
         total += float(rollout(policy, toy.tasks(info.split)[info.index], 1, seed=0, progress=False).returns.mean())
     assert total / len(files) == pytest.approx(max(returns), rel=1e-5)
+
+
+def test_a_learned_task_encoder_is_refined_through_the_same_interface(toy_dataset, tmp_path):
+    from improver.meta_train import fit_normalization
+
+    data = ImprovementDataset(toy_dataset)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        improver = Improver(NetworkConfig(4, 2, width=16, token_stride=1, task_dim=2, task_inference="learned"), distill_steps=3)
+    fit_normalization(improver, data)
+    start = {k: v.clone() for k, v in improver.net.state_dict().items()}
+    config = RefineConfig(loop_steps=1, episodes=2, max_success=1.0, steps=40, batch_size=4, head_steps=5, head_batch_size=64)
+    refined, scores = refine_locator(improver, data, config, tmp_path, progress=False)
+    assert scores["error_after"] < scores["error_before"] and scores["head_mse_after"] < scores["head_mse_before"]
+    changed = {name for name, value in refined.net.state_dict().items() if not torch.equal(value, start[name])}
+    assert changed and all(name.startswith(("task_inference.", "head.")) for name in changed)
+    assert Improver.from_pretrained(tmp_path / "improver").config.task_inference == "learned"

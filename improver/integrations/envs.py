@@ -1,8 +1,8 @@
 """Any Gymnasium environment as an improver :class:`~improver.tasks.Task`.
 
-A task's environment follows the rollout contract (reset ``info["goal"]``, step
-``info["success"]``); :class:`ContractWrapper` adds both to an environment that lacks them, so
-``improve(improver, policy, lambda: gym.make("Pendulum-v1"))`` works.
+A task's environment follows the rollout contract (the reset info carries the task parameters
+under ``"goal"``, each step's info ``"success"``); :class:`ContractWrapper` adds both to an
+environment that lacks them, so ``improve(improver, policy, lambda: gym.make("Pendulum-v1"))`` works.
 """
 
 from __future__ import annotations
@@ -19,29 +19,30 @@ SuccessFn = Callable[[np.ndarray, float, dict[str, Any]], bool]
 
 
 class ContractWrapper(gym.Wrapper):
-    """Adds ``info["goal"]`` at reset and ``info["success"]`` at every step.
+    """Adds the task parameters to the reset info (the contract's ``"goal"`` key) and ``info["success"]`` at every step.
 
     Args:
         env: A Gymnasium environment with a flat ``Box`` observation and action space.
         success: ``success(observation, reward, info) -> bool`` for one step; default: the
             step info's ``success_key`` (``False`` when absent).
         success_key: Info key read when no ``success`` function is given.
-        goal: The task's goal recorded with each episode (default: an empty vector, "unknown").
+        task_parameters: The task's hidden parameters recorded with each episode (default: an empty vector, "unknown");
+            an environment's own reset info entry wins.
     """
 
     def __init__(
-        self, env: gym.Env, success: SuccessFn | None = None, success_key: str = "is_success", goal: np.ndarray | None = None
+        self, env: gym.Env, success: SuccessFn | None = None, success_key: str = "is_success", task_parameters: np.ndarray | None = None
     ) -> None:
         for name, space in (("observation", env.observation_space), ("action", env.action_space)):
             if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
                 raise ValueError(f"the improver needs a flat Box {name} space; this environment has {space}")
         super().__init__(env)
         self.success, self.success_key = success, success_key
-        self.goal = np.zeros(0, np.float32) if goal is None else np.asarray(goal, np.float32).reshape(-1)
+        self.task_parameters = np.zeros(0, np.float32) if task_parameters is None else np.asarray(task_parameters, np.float32).reshape(-1)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         obs, info = self.env.reset(seed=seed, options=options)
-        return obs, {**info, "goal": np.asarray(info.get("goal", self.goal), np.float32).reshape(-1)}
+        return obs, {**info, "goal": np.asarray(info.get("goal", self.task_parameters), np.float32).reshape(-1)}
 
     def step(self, action: np.ndarray):
         obs, reward, terminated, truncated, info = self.env.step(action)

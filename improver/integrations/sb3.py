@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from improver.augment.noise import Gaussian, NoisyPolicy
+from improver.augment.noise import ExplorationNoise
 from improver.dagger import dagger
 from improver.loop import Callback, Mode, as_tasks, improvement_loop
 from improver.operator import Improver
 from improver.tasks import Task, rollout
 from improver.tasks.evaluation import spread
-from improver.types import TaskInfo, Trajectory
+from improver.transitions import TrajectoryBuilder
+from improver.types import Trajectory
 
 try:
     from stable_baselines3.common.callbacks import BaseCallback
@@ -138,7 +139,7 @@ class ImproverCallback(BaseCallback):
         episodes: Episodes watched per improvement step.
         seed: Seed of the collected episodes (the ``k``-th step uses ``seed + k``).
         exploration: Std of the Gaussian noise on the actor's actions in collected episodes (see
-            :func:`improver.loop.improvement_loop`: it spreads the states a hidden goal is located from);
+            :func:`improver.loop.improvement_loop`: it spreads the states the hidden task is inferred from);
             default: the improver's (``improver.loop_settings.exploration``).
         verbose: SB3 verbosity.
     """
@@ -157,11 +158,11 @@ class ImproverCallback(BaseCallback):
         self.exploration = improver.loop_settings.overridden(exploration=exploration).exploration
         self.rollouts, self.env_steps = 0, 0
         self.history: list[dict[str, Any]] = []
-        self._running: dict[int, list[tuple[np.ndarray, ...]]] = {}  # per env: the steps of its unfinished episode
-        self._ended: list[Trajectory] = []
+        # the model's rollouts, per env; the last `episodes` ended episodes are watched
+        self._watched = TrajectoryBuilder(success="success", keep=episodes)
 
     def _on_rollout_start(self) -> None:
-        if self.rollouts and self.rollouts % self.every == 0 and (self.tasks is not None or self._ended):
+        if self.rollouts and self.rollouts % self.every == 0 and (self.tasks is not None or self._watched.num_episodes):
             self.improve_now()
         self.rollouts += 1
 
@@ -172,30 +173,21 @@ class ImproverCallback(BaseCallback):
 
     def _record(self, local: dict[str, Any]) -> None:
         """Keep this step of every env; an episode that ends joins the watched ones."""
-        observations = np.asarray(local["obs_tensor"].cpu(), np.float32)
-        actions = np.asarray(local["clipped_actions"], np.float32).reshape(len(observations), -1)
-        rewards = np.array(local["rewards"], np.float32)  # a copy: PPO adds bootstrap values in place afterwards
-        for i, (done, info) in enumerate(zip(local["dones"], local["infos"])):
-            steps = self._running.setdefault(i, [])
-            steps.append((observations[i], actions[i], rewards[i], float(info.get("success", 0.0)) > 0))
-            if done:
-                self._ended = [*self._ended, _episode(steps, i)][-self.episodes :]
-                self._running[i] = []
+        # The builder copies the rewards, which PPO changes in place afterwards (bootstrap values).
+        self._watched.add_batch(local["obs_tensor"].cpu().numpy(), local["clipped_actions"], local["rewards"], local["dones"], infos=local["infos"])
 
     def _collect(self) -> Trajectory:
         seed = self.seed + len(self.history)
         actor = SB3Actor(self.model.policy)
-        actor = NoisyPolicy(actor, Gaussian(self.exploration), seed=seed) if self.exploration else actor
-        experience = rollout(actor, self.tasks, 1, seed=seed, progress=False)
+        experience = rollout(ExplorationNoise(self.exploration, seed).wrap(actor), self.tasks, 1, seed=seed, progress=False)
         self.env_steps += int(experience.lengths.sum())
         return experience
 
     def improve_now(self) -> dict[str, Any]:
         """Step the current actor on the watched episodes, write it back; returns the step's row."""
-        if self.tasks is None and not self._ended:
+        if self.tasks is None and not self._watched.num_episodes:
             raise ValueError("no rollout episode has ended yet: there is nothing to watch (tasks=None)")
-        experience = self._collect() if self.tasks is not None else Trajectory.cat(self._ended)
-        self._ended = []
+        experience = self._collect() if self.tasks is not None else self._watched.trajectory()
         improve_sb3(self.improver, self.model, experience)
         row = {
             "num_timesteps": self.num_timesteps,
@@ -207,20 +199,6 @@ class ImproverCallback(BaseCallback):
         for key in ("success", "mean_return", "env_steps"):
             self.logger.record(f"improver/{key}", row[key])
         return row
-
-
-def _episode(steps: list[tuple[np.ndarray, ...]], env_index: int) -> Trajectory:
-    """One episode of an SB3 rollout as a one-episode :class:`Trajectory` (its task is unknown)."""
-    observations, actions, rewards, successes = (np.stack(column) for column in zip(*steps))
-    info = TaskInfo("sb3", "sb3", "train", env_index, 0, -1, (), "unknown")
-    return Trajectory(
-        observations=torch.from_numpy(observations)[None],
-        actions=torch.from_numpy(actions)[None],
-        rewards=torch.from_numpy(rewards)[None],
-        successes=torch.from_numpy(successes)[None],
-        mask=torch.ones(1, len(steps), dtype=torch.bool),
-        tasks=(info,),
-    )
 
 
 class TqdmProgress(BaseCallback):
