@@ -183,6 +183,7 @@ def train(config: TrainConfig, out: str | os.PathLike, progress: bool = True) ->
 
     improvers, choice, candidates = {}, {}, {}
     suite = make_suite(config.suite)
+    train_starts = _starts(starting["train"], suite)
     for inference in config.task_inference:
         t = time.perf_counter()
         folder = out / inference
@@ -210,8 +211,7 @@ def train(config: TrainConfig, out: str | os.PathLike, progress: bool = True) ->
         improvers[inference] = improver
         for name, settings in candidate_settings(scale).items():
             candidates[f"{inference}/{name}"] = settings
-            starts = _starts(starting["train"], suite)
-            choice[f"{inference}/{name}"] = _run_units(improver, settings, starts, 1, config, out / "choose" / inference / name, state, progress)
+            choice[f"{inference}/{name}"] = _run_units(improver, settings, train_starts, 1, config, out / "choose" / inference / name, state, progress)
         stage(f"{inference}: choice of loop settings", t)
 
     chosen = max(choice, key=lambda name: _rank(choice[name]))
