@@ -107,10 +107,18 @@ def write_trajectory(group: h5py.Group, trajectory: Trajectory) -> None:
     group.attrs["tasks"] = json.dumps([info._asdict() for info in trajectory.tasks])
 
 
+def _task_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored task record as :class:`TaskInfo` fields; records written before the task
+    parameters were named so keep them under ``"goal"``."""
+    fields = {k: v for k, v in record.items() if k != "goal"}
+    fields["parameters"] = tuple(record["parameters"] if "parameters" in record else record["goal"])
+    return fields
+
+
 def read_trajectory(group: h5py.Group) -> Trajectory:
     """Inverse of :func:`write_trajectory`."""
     values = {name: torch.from_numpy(group[name][()]) if name in group else None for name in _TENSOR_FIELDS}
-    tasks = tuple(TaskInfo(**{**t, "goal": tuple(t["goal"])}) for t in json.loads(group.attrs["tasks"]))
+    tasks = tuple(TaskInfo(**_task_fields(t)) for t in json.loads(group.attrs["tasks"]))
     return Trajectory(tasks=tasks, **values)
 
 

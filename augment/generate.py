@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +76,18 @@ class GenerateConfig:
     render: RenderConfig = field(default_factory=RenderConfig)
     tasks: int | None = None
     """Use only ``tasks`` tasks of the split, from its families in turn (default: the preset's number)."""
+    raw_expert_families: tuple[str, ...] = ()
+    """Families whose expert is the suite expert's raw form (``expert.raw(families)``, e.g. a
+    Meta-World scripted policy without smoothing); ``improver train`` names those whose expert
+    check found the smoothing costs success."""
+
+    def record(self) -> dict[str, Any]:
+        """The settings as the dataset records them (``asdict``, without ``raw_expert_families``
+        when empty, so that datasets made before that field existed keep matching their settings)."""
+        record = asdict(self)
+        if not self.raw_expert_families:
+            del record["raw_expert_families"]
+        return record
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -84,11 +96,30 @@ class GenerateConfig:
             raise ValueError(f"tasks must be at least 1, or None for the preset's number; got {self.tasks}")
 
 
+def dataset_suite(config: dict[str, Any], suite_seed: int | None = None) -> Suite:
+    """The suite a dataset was generated from, with the expert it imitated.
+
+    Args:
+        config: The dataset's settings, ``GenerateConfig.record()`` (its manifest's ``config``).
+        suite_seed: The suite's seed if not the config's.
+
+    Raises:
+        ValueError: the config names raw-expert families but the suite's expert has no raw form.
+    """
+    suite = make_suite(config["suite"], config["suite_seed"] if suite_seed is None else suite_seed)
+    families = tuple(config.get("raw_expert_families", ()))  # older datasets: none
+    if not families:
+        return suite
+    if not hasattr(suite.expert, "raw"):
+        raise ValueError(f"raw_expert_families {families} asks for the raw form of an expert that has none ({type(suite.expert).__name__})")
+    return replace(suite, expert=suite.expert.raw(families))
+
+
 def task_record(task: Task, config: GenerateConfig) -> dict[str, Any]:
     """What ``task``'s shard records about itself: the task and the settings it was made with."""
     return {
         "suite": task.suite, "family": task.family, "split": task.split, "index": task.index, "suite_seed": task.suite_seed,
-        "settings": shard_settings(asdict(config)),
+        "settings": shard_settings(config.record()),
     }
 
 
@@ -192,9 +223,9 @@ def generate(config: GenerateConfig, out: str | Path, progress: bool = True) -> 
     """
     state = PartialState(cpu=True)
     out = Path(out)
-    settings = json.dumps(asdict(config), indent=2, default=str)
+    settings = json.dumps(config.record(), indent=2, default=str)
     _check_out(out, settings)  # on every process before anything is written, so a refusal stops them all
-    suite = make_suite(config.suite, config.suite_seed)
+    suite = dataset_suite(config.record())
     preset = PRESETS[config.preset]
     tasks = suite.first(config.split, preset.tasks if config.tasks is None else config.tasks)
     shards = out / "shards"
@@ -253,7 +284,7 @@ def _manifest(
     steps_this_run = sum(entries[name]["env_steps"] for name in made)
     return {
         "format_version": FORMAT_VERSION,
-        "config": asdict(config),
+        "config": config.record(),
         "shards": entries,
         "examples": sum(e["examples"] for e in entries.values()),
         "drex_holds_fraction": sum(holds) / len(holds),

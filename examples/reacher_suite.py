@@ -6,8 +6,8 @@ For the command line, name the file in ``IMPROVER_PLUGINS``:
     IMPROVER_PLUGINS=examples/reacher_suite.py improver generate --suite reacher --out data/reacher
 
 What a suite needs (the rollout contract of ``improver.tasks.Task``): ``reset(seed=...)`` is
-honoured, the reset ``info`` carries ``"goal"``, each step's ``info`` carries ``"success"``; and
-for dataset generation a scripted expert with ``for_task(info)`` (``info.goal`` is the goal).
+honoured, the reset ``info`` carries ``"task_parameters"`` (the goal), each step's ``info`` carries ``"success"``; and
+for dataset generation a scripted expert with ``for_task(info)`` (``info.parameters`` is the goal).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class HiddenGoalReacher(gym.Wrapper):
         qpos, qvel = arm.data.qpos.copy(), arm.data.qvel.copy()
         qpos[-2:], qvel[-2:] = self.goal, 0.0  # the target is two slide joints
         arm.set_state(qpos, qvel)
-        return self._obs(), {"goal": self.goal.astype(np.float32)}
+        return self._obs(), {"task_parameters": self.goal.astype(np.float32)}
 
     def step(self, action: np.ndarray):
         _, reward, terminated, truncated, info = self.env.step(action)
@@ -76,7 +76,7 @@ class ReacherExpert:
 
     def for_task(self, info: TaskInfo) -> "_InverseKinematics":
         """Bind to one task's (hidden) goal."""
-        return _InverseKinematics(np.asarray(info.goal, dtype=np.float64))
+        return _InverseKinematics(np.asarray(info.parameters, dtype=np.float64))
 
     def __call__(self, observations: torch.Tensor) -> torch.Tensor:
         raise TypeError("the reacher expert needs its task: call expert.for_task(info) first (rollout does this)")

@@ -14,12 +14,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .types import Policy, TaskInfo, Trajectory
-
 __version__ = "0.1.0"
 
 # public name -> the module (under ``improver``) that defines it
 _LAZY = {
+    "Policy": "types",
+    "TaskInfo": "types",
+    "Trajectory": "types",
     "Improver": "operator",
     "BehaviourPolicy": "operator",
     "NetworkConfig": "network",
@@ -38,7 +39,7 @@ _LAZY = {
     "TrajectoryBuilder": "transitions",
     "ExplorationNoise": "augment.noise",
 }
-__all__ = ["Policy", "TaskInfo", "Trajectory", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,47 +1,86 @@
 """The ``improver`` command: ``train``, ``demo``, ``rollout``, ``generate``, ``reward-model``, ``meta-train``, ``refine-locator``, ``improve``, ``metaworld-eval``,
-``starting-policies`` and ``bench``."""
+``starting-policies`` and ``bench``.
+
+Each concept is one config dataclass, declared once and nested into the commands that need it
+(tyro's ``OmitArgPrefixes`` keeps the flags short): the loop settings (:class:`~improver.loop_settings.LoopOverrides`,
+whose unset fields are the improver's own), the loop's length (:class:`LoopLength`), the network
+(:class:`Network`), meta-training (:class:`~improver.meta_train.MetaTrainConfig`), refinement
+(:class:`~improver.refine.RefineConfig`) and the whole recipe (:class:`~improver.train.TrainConfig`).
+
+``improver --help`` answers without importing torch: the last three live in modules that import
+it, so they are bound here (:func:`bind_nested_configs`) only once a command has been chosen.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import sys
-from dataclasses import asdict, dataclass
+import textwrap
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import tyro
 
 from .io import atomic_path
-from .refine import RefineConfig
-from .train import TrainConfig
-from .task_inference import DEFAULT_TASK_INFERENCE, TaskInferenceName
+from .loop_settings import LoopOverrides
 
 if TYPE_CHECKING:
-    from .loop_settings import LoopSettings
-
-
-@dataclass(frozen=True)
-class LoopOverrides:
-    """The improvement loop's settings; each left unset is the improver's own (its saved ``loop_settings``)."""
-
-    mode: Literal["parameters", "behaviour"] | None = None
-    """Distil into the policy's own parameters, or act with the improver's head (default: the improver's)."""
-    exploration: float | None = None
-    """Std of the Gaussian noise on actions while collecting (the improver infers the task from the spread; default: the improver's)."""
-    task_exploration: float | None = None
-    """Behaviour mode: std (task-parameter units, e.g. metres) of a per-episode offset of the task the head acts on (default: the improver's)."""
-    wide_task_exploration: float | None = None
-    """Behaviour mode: the task exploration of a step after one whose episodes all failed (0: --task-exploration; default: the improver's)."""
-    memory: int | None = None
-    """Each step watches the episodes of the last this many steps (default: the improver's)."""
-
-    def applied(self, settings: LoopSettings) -> LoopSettings:
-        """``settings`` with the flags given in their place."""
-        return settings.overridden(**asdict(self))
-
+    from .meta_train import MetaTrainConfig
+    from .refine import RefineConfig
+    from .task_inference import TaskInferenceName
+    from .train import TrainConfig
 
 Loop = Annotated[LoopOverrides, tyro.conf.OmitArgPrefixes]
 """Nested without a prefix, so the flags are --mode, --exploration, ..."""
+
+
+def bind_nested_configs() -> None:
+    """Import the config classes the commands nest into this module, where tyro resolves the commands' annotations.
+
+    They live next to code that imports torch; binding them only when a command runs keeps
+    ``improver --help`` light.
+    """
+    global MetaTrainConfig, RefineConfig, TaskInferenceName, TrainConfig
+    from .meta_train import MetaTrainConfig
+    from .refine import RefineConfig
+    from .task_inference import TaskInferenceName
+    from .train import TrainConfig
+
+
+@dataclass(frozen=True)
+class LoopLength:
+    """How long the improvement loop runs."""
+
+    steps: int = 3
+    """Improvement steps."""
+    episodes: int = 10
+    """Episodes collected per step (and per policy)."""
+    seed: int = 0
+    """Seed of the episodes."""
+
+
+@dataclass(frozen=True)
+class Network:
+    """The improver meta-training builds (:func:`improver.meta_train.build_improver`); its observation,
+    action and task sizes come from the dataset."""
+
+    width: int = 64
+    """Network width."""
+    token_stride: int = 10
+    """One experience token every this many steps (1 for short episodes)."""
+    frames: bool = False
+    """Watch frames too (the dataset must have them)."""
+    task_inference: Literal[TaskInferenceName, "none"] = "goal-locator"
+    """How the improver infers the hidden task parameters from the experience, supervised with those in the
+    dataset's task records (see improver.task_inference); none: no task inference."""
+    distill_steps: int = 20
+    """Distillation steps of parameters mode (their sizes are meta-learned)."""
+    fit_epochs: int | None = None
+    """Parameters mode fits the policy to the head's actions with Adam for this many epochs
+    instead of the meta-learned steps (default: 20 with --distill-weight 0, whose steps stay untrained; else 0)."""
 
 
 @dataclass
@@ -51,22 +90,19 @@ class Demo:
 
     pretrained: Path = Path("pretrained/reach-v3")
     """Folder with improver/ and lesser/ (see scripts/train_pretrained.sh)."""
-    steps: int = 3
-    """Improvement steps."""
-    episodes: int = 10
-    """Episodes collected per step and policy."""
     out: Path = Path("demo_out")
     """Folder for the summary JSON, the plot and the videos."""
-    seed: int = 0
-    """Seed of the episodes."""
     video: bool = True
     """Write before/after videos of the first policy."""
+    length: Annotated[LoopLength, tyro.conf.OmitArgPrefixes] = LoopLength()
     loop: Loop = LoopOverrides()
 
     def run(self) -> None:
         from .demo import run_demo
 
-        run_demo(self.pretrained, self.out, self.steps, self.episodes, seed=self.seed, video=self.video, **asdict(self.loop))
+        run_demo(
+            self.pretrained, self.out, self.length.steps, self.length.episodes, seed=self.length.seed, video=self.video, **asdict(self.loop)
+        )
 
 
 @dataclass
@@ -170,40 +206,13 @@ class MetaTrain:
     """Dataset folder."""
     out: Path
     """Run folder: checkpoints, TensorBoard logs, and the trained improver in OUT/improver."""
-    steps: int = 300
-    """Optimiser steps."""
-    batch_size: int = 8
-    """Examples per step (over all processes)."""
-    lr: float = 1e-3
-    """Adam learning rate."""
-    checkpoint_every: int = 50
-    """Steps between checkpoints."""
-    width: int = 64
-    """Network width."""
-    token_stride: int = 10
-    """One experience token every this many steps (1 for short episodes)."""
-    distill_steps: int = 20
-    """Distillation steps of parameters mode (their sizes are meta-learned)."""
-    distill_weight: float = 0.0
-    """Weight of the distilled policy's error through the meta-learned distillation steps (0, the recipe of
-    `improver train` and of the shipped improvers: the behaviour head only, much faster; parameters mode
-    then fits the policy to the head's actions with Adam, --fit-epochs)."""
-    fit_epochs: int | None = None
-    """Parameters mode fits the policy to the head's actions with Adam for this many epochs
-    instead of the meta-learned steps (default: 20 with --distill-weight 0, whose steps stay untrained; else 0)."""
-    frames: bool = False
-    """Watch frames too (the dataset must have them)."""
-    task_inference: Literal[TaskInferenceName, "none"] = DEFAULT_TASK_INFERENCE
-    """How the improver infers the hidden task parameters from the experience, supervised with those in the
-    dataset's task records (see improver.task_inference); none: no task inference."""
-    seed: int = 0
-    """Seed of the weights, example order and state sampling."""
+    network: Annotated[Network, tyro.conf.OmitArgPrefixes] = Network()
+    meta_training: Annotated[MetaTrainConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=lambda: MetaTrainConfig(distill_weight=0.0))
+    """--distill-weight defaults to 0 here, the recipe of `improver train` and of the shipped improvers (the behaviour
+    head only, much faster; parameters mode then fits the policy to the head's actions with Adam, --fit-epochs);
+    --seed also seeds the initial weights."""
     validation: Path | None = None
     """A held-out dataset (`improver generate --split test`) to measure success after a step on."""
-    validate_every: int = 0
-    """Steps between validations (0: only at the end)."""
-    locate_ranked: bool = True
-    """Also train the task inference on each task's noise-ladder episodes (not only the lesser policy's)."""
     reward_model: Path | None = None
     """Meta-train reward-free: this ranking reward model (`improver reward-model`) scores the
     experience in place of the environment's rewards, in training and at every step after."""
@@ -211,18 +220,15 @@ class MetaTrain:
     def run(self) -> None:
         from .augment.dataset import ImprovementDataset
         from .augment.ranking_reward import load_reward_model
-        from .meta_train import MetaTrainConfig, build_improver, meta_train
+        from .meta_train import build_improver, meta_train
 
-        config = MetaTrainConfig(
-            self.steps, self.batch_size, self.lr, distill_weight=self.distill_weight, checkpoint_every=self.checkpoint_every,
-            validate_every=self.validate_every, seed=self.seed, locate_ranked=self.locate_ranked,
-        )
+        network, config = self.network, self.meta_training
         dataset = ImprovementDataset(self.data)
         improver = build_improver(
-            dataset, width=self.width, token_stride=self.token_stride, frames=self.frames,
-            task_inference=None if self.task_inference == "none" else self.task_inference, distill_steps=self.distill_steps,
-            fit_epochs=self.fit_epochs if self.fit_epochs is not None else (20 if self.distill_weight == 0 else 0),
-            reward_free=self.reward_model is not None, seed=self.seed,
+            dataset, width=network.width, token_stride=network.token_stride, frames=network.frames,
+            task_inference=None if network.task_inference == "none" else network.task_inference, distill_steps=network.distill_steps,
+            fit_epochs=network.fit_epochs if network.fit_epochs is not None else (20 if config.distill_weight == 0 else 0),
+            reward_free=self.reward_model is not None, seed=config.seed,
         )
         if self.reward_model is not None:
             improver.reward_model = load_reward_model(self.reward_model).requires_grad_(False)
@@ -243,7 +249,7 @@ class RefineLocator:
     """The training dataset it was meta-trained on (never a held-out one)."""
     out: Path
     """Run folder: the collected episodes in OUT/episodes, the refined improver in OUT/improver."""
-    config: Annotated[RefineConfig, tyro.conf.OmitArgPrefixes] = RefineConfig()
+    config: Annotated[RefineConfig, tyro.conf.OmitArgPrefixes]
 
     def run(self) -> None:
         from .augment.dataset import ImprovementDataset
@@ -276,12 +282,7 @@ class Improve:
     """Split of the tasks, held-out tasks are `test` (default: the record's, else `test`)."""
     task_index: int | None = None
     """One task of the split (default: the record's task if suite and split are the record's, else episodes spread over the whole split)."""
-    steps: int = 3
-    """Improvement steps."""
-    episodes: int = 10
-    """Episodes collected per step."""
-    seed: int = 0
-    """Seed of the episodes."""
+    length: Annotated[LoopLength, tyro.conf.OmitArgPrefixes] = LoopLength()
     loop: Loop = LoopOverrides()
     out: Path | None = None
     """Save the improved policy here (parameters mode)."""
@@ -315,10 +316,11 @@ class Improve:
             tasks = [tasks[index]]
         where = f"{suite_name} [{split}]" + (f" #{index}" if index is not None else f", {len(tasks)} tasks")
         print(f"improving {self.policy} on {where}; loop settings: {settings}")
-        improved, rows = improve(improver, policy, tasks, self.steps, self.episodes, self.seed, **asdict(settings))
+        length = self.length
+        improved, rows = improve(improver, policy, tasks, length.steps, length.episodes, length.seed, **asdict(settings))
         print(format_table(rows))
         if self.out is not None:
-            save_policy(improved, self.out, record={**record, "improved_steps": self.steps, "rows": rows})
+            save_policy(improved, self.out, record={**record, "improved_steps": length.steps, "rows": rows})
             print(f"wrote {self.out}")
 
 
@@ -397,7 +399,7 @@ class BenchImprove:
     largest and is scored at 1, 2, 5, 10, 20, 50, ... times that budget up to it."""
     max_policies: int | None = None
     """Use only the first N starting policies."""
-    contenders: tuple[Literal["improver-behaviour", "improver-parameters", "ppo", "maml", "bc"], ...] = (
+    contenders: tuple[Literal["improver-behaviour", "improver-parameters", "ppo", "maml", "maml-l2l", "metasgd-l2l", "bc"], ...] = (
         "improver-behaviour", "improver-parameters", "ppo", "maml", "bc",
     )
     """Which contenders to run."""
@@ -410,7 +412,7 @@ class BenchImprove:
     def run(self) -> None:
         import torch
 
-        from .benchmark import BenchConfig, run_benchmark, summary_lines
+        from .bench import BenchConfig, run_benchmark, summary_lines
 
         if self.loop.mode is not None:
             raise ValueError("bench improve runs each improver contender in its own mode: drop --mode and choose with --contenders")
@@ -450,7 +452,7 @@ class BenchStep:
     """Where to write the rows as JSON."""
 
     def run(self) -> None:
-        from .step_bench import bench_step
+        from .bench import bench_step
 
         rows = bench_step(self.improver, self.episodes, self.modes, self.steps, self.chunk_tokens, self.threads)
         _write_json(self.out, {"improver": str(self.improver), "threads": self.threads, "rows": rows})
@@ -486,25 +488,25 @@ class Train:
 @dataclass
 class MetaworldEval:
     """Meta-World's own meta-learning evaluation (metaworld.evaluation.metalearning_evaluation) of an improver
-    adapting a starting policy on held-out ML1 goals, one goal at a time, next to the starting policy left
+    adapting a starting policy on held-out ML1 tasks, one task at a time, next to the starting policy left
     unchanged; prints Meta-World's success rate and mean return of both (see improver.integrations.metaworld)."""
 
     improver: Path
     """Folder of a trained improver (e.g. pretrained/reach-v3/improver)."""
     family: str
-    """Meta-World task family whose ML1 test goals are used, e.g. reach-v3."""
+    """Meta-World task family whose ML1 test tasks are used, e.g. reach-v3."""
     policy: str = "fresh"
     """Folder of a saved starting policy (e.g. pretrained/reach-v3/lesser/00), or `fresh` (an untrained MLPPolicy)."""
-    goals: int = 10
-    """Held-out goals (the first of the family's test goals), each one round of the harness."""
+    tasks: int = 10
+    """Held-out tasks (the first of the family's test tasks), each one round of the harness."""
     adaptation_steps: int = 3
-    """Improvement steps per goal."""
+    """Improvement steps per task."""
     adaptation_episodes: int = 10
     """Episodes collected per improvement step."""
     evaluation_episodes: int = 3
-    """Episodes per goal that Meta-World evaluates the adapted policy on."""
+    """Episodes per task that Meta-World evaluates the adapted policy on."""
     seed: int = 0
-    """Seed of the goals (0: the test goals of the suite ML1:FAMILY with seed 0), the fresh policy and the noise."""
+    """Seed of the tasks (0: the test tasks of the suite ML1:FAMILY with seed 0), the fresh policy and the noise."""
     max_episode_steps: int | None = None
     """Episode length (default: Meta-World's 500)."""
     success_reward: float | None = None
@@ -519,12 +521,12 @@ class MetaworldEval:
         from .tasks.evaluation import format_table
 
         result = evaluate_in_metaworld(
-            self.improver, self.policy, self.family, self.goals, self.adaptation_steps, self.adaptation_episodes, self.evaluation_episodes,
+            self.improver, self.policy, self.family, self.tasks, self.adaptation_steps, self.adaptation_episodes, self.evaluation_episodes,
             seed=self.seed, max_episode_steps=self.max_episode_steps, **asdict(self.loop),
             **({} if self.success_reward is None else {"success_reward": self.success_reward}),
         )
         print(
-            f"Meta-World metalearning_evaluation, ML1 {self.family}: {self.goals} test goals, {self.adaptation_steps} adaptation steps "
+            f"Meta-World metalearning_evaluation, ML1 {self.family}: {self.tasks} test tasks, {self.adaptation_steps} adaptation steps "
             f"of {self.adaptation_episodes} episodes, {self.evaluation_episodes} evaluation episodes; loop settings: {result['settings']}"
         )
         print(format_table(result["rows"]))
@@ -532,30 +534,56 @@ class MetaworldEval:
             _write_json(self.out, result)
 
 
-COMMANDS = {
+COMMANDS: dict[str, type] = {
     "train": Train, "demo": Demo, "rollout": Rollout, "generate": Generate, "reward-model": RewardModel, "meta-train": MetaTrain,
     "refine-locator": RefineLocator, "improve": Improve, "starting-policies": StartingPolicies, "metaworld-eval": MetaworldEval,
 }
-BENCHMARKS = {"rollout": BenchRollout, "improve": BenchImprove, "step": BenchStep}
+BENCHMARKS: dict[str, type] = {"rollout": BenchRollout, "improve": BenchImprove, "step": BenchStep}
+
+
+def summary(command: type) -> str:
+    """The first sentence of a command's docstring, on one line."""
+    text = " ".join((command.__doc__ or "").split())
+    return re.split(r"(?<!\bvs)\.\s", text)[0].rstrip(".") + "."
+
+
+def overview() -> str:
+    """``improver --help``: every command and benchmark with its summary, built without importing any command's configs."""
+    rows = [(name, command) for name, command in COMMANDS.items()] + [(f"bench {name}", command) for name, command in BENCHMARKS.items()]
+    width = max(len(name) for name, _ in rows) + 4
+    wrap = max(shutil.get_terminal_size().columns, width + 40)
+    lines = [
+        "usage: improver COMMAND [--help] [OPTIONS]",
+        "",
+        "policy-improver: a learned policy-improvement operator. `improver COMMAND --help` lists a command's options.",
+        "",
+        "commands:",
+    ]
+    for name, command in rows:
+        lines += textwrap.wrap(summary(command), wrap, initial_indent=f"  {name:<{width - 2}}", subsequent_indent=" " * width)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``improver`` console script."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point of the ``improver`` console script: ``improver COMMAND [OPTIONS]`` or ``improver bench BENCHMARK [OPTIONS]``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    table, prog = COMMANDS, "improver"
     if argv[:1] == ["bench"]:
-        command = tyro.extras.subcommand_cli_from_dict(BENCHMARKS, prog="improver bench", args=argv[1:])
-    else:
-        command = tyro.extras.subcommand_cli_from_dict(
-            COMMANDS,
-            prog="improver",
-            args=argv,
-            description="policy-improver. Commands: train, demo, rollout, generate, reward-model, meta-train, refine-locator, improve, starting-policies, metaworld-eval; benchmarks: `improver bench rollout`, `improver bench improve`, `improver bench step`.",
-        )
+        table, prog, argv = BENCHMARKS, "improver bench", argv[1:]
+    if not argv or argv[0] not in table:
+        print(overview())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\n{prog}: error: unknown command {argv[0]!r}; choose one of: {', '.join(table)}", file=sys.stderr)
+            raise SystemExit(2)
+        raise SystemExit(0 if argv else 2)
+    bind_nested_configs()
+    command = tyro.cli(table[argv[0]], prog=f"{prog} {argv[0]}", args=argv[1:])
     command.run()
-    import torch.distributed as dist  # the commands leave the process group of an `accelerate launch` to the end
+    if "torch.distributed" in sys.modules:  # the commands leave the process group of an `accelerate launch` to the end
+        import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

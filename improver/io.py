@@ -135,13 +135,13 @@ def _foreign(path: Path, folder: FolderKind) -> str | None:
 
 def _swap_in(new: Path, path: Path, aside: Path) -> None:
     """Put the folder ``new`` at ``path``; the earlier version ends up inside ``aside`` (to be deleted)."""
-    if _exchange(new, path):
+    if exchange_folders(new, path):
         return
     os.rename(path, aside / "old")
     os.rename(new, path)
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def exchange_folders(a: Path, b: Path) -> bool:
     """Swap ``a`` and ``b`` atomically; ``False`` where the system cannot."""
     if _RENAMEAT2 is None:
         return False

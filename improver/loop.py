@@ -53,7 +53,10 @@ class LoopStep:
 
 
 class Callback(Protocol):
-    """Called with every :class:`LoopStep` before it is yielded; returning ``True`` stops the loop."""
+    """Called with every :class:`LoopStep` before it is yielded; returning ``False`` stops the loop.
+
+    The rule is stable-baselines3's (a callback's ``_on_step`` returns ``False`` to stop training),
+    so one callback can serve both; ``None`` (no return value) and ``True`` continue."""
 
     def __call__(self, state: LoopStep) -> bool | None: ...
 
@@ -108,6 +111,11 @@ def improvement_loop(
         episodes: Episodes collected per step.
         seed: Seed of the episodes (step ``k`` uses ``seed + k``).
         mode: ``"parameters"`` (a distilled copy of ``policy``) or ``"behaviour"``; default: the improver's.
+            In parameters mode each step fits the copy on the states of every step so far, each
+            labelled with the behaviour improved from the latest experience, and from step 1 on
+            half of each step's episodes (rounded down) are acted by that behaviour (DAgger
+            within the loop: the copy is taught where the behaviour goes and where the previous
+            copies drifted; every env step is counted, and ``success`` is over all the episodes).
         reward_free: Hide the rewards from the improver (its ranking reward model supplies them).
         memory: Each step watches the episodes of the last ``memory`` steps (1: only the current
             policy's, like an RL update; more: earlier policies' too, which spread the states
@@ -128,7 +136,7 @@ def improvement_loop(
             refined improver, 0.04 and 0.08: an edge target succeeded on 2 of 3 seeds, never with 0.04 alone).
         render: Frames to render while collecting; an improver that watches frames gets the
             default ``RenderConfig()`` (what ``improver generate --frames`` records) if not given.
-        callbacks: Called with each state; one returning ``True`` stops the loop after it.
+        callbacks: Called with each state; one returning ``False`` stops the loop after it (:class:`Callback`).
         progress: Show a progress bar over steps with the latest success and return.
     """
     tasks = spread(as_tasks(tasks), episodes)
@@ -175,14 +183,15 @@ def _run(
     mode, memory, exploration = settings.mode, settings.memory, settings.exploration
     task_noise = (settings.task_exploration, settings.wide_task_exploration or settings.task_exploration)
     env_steps, busy, history = 0, 0.0, []
+    visited: list[torch.Tensor] = []  # parameters mode: every step's states, fitted on again at every later step (DAgger)
+    teacher = None  # parameters mode: the behaviour the current copy was distilled from
     failed = True  # whether the previous step's episodes all failed
     with tqdm(total=steps + 1, desc=f"improve ({mode})", unit="step", disable=not progress) as bar:
         for k in range(steps + 1):
             start = time.perf_counter()
             sigma = task_noise[failed]
             actor = TaskSampling(policy, sigma, seed=seed + k) if sigma and isinstance(policy, BehaviourPolicy) else policy
-            actor = ExplorationNoise(exploration, seed + k).wrap(actor)
-            experience = rollout(actor, tasks, 1, seed=seed + k, render=render, progress=False)
+            experience = _collect(actor, teacher, tasks, exploration, seed + k, render)
             env_steps += int(experience.lengths.sum())
             failed = not bool(experience.success.any())
             busy += time.perf_counter() - start
@@ -194,7 +203,7 @@ def _run(
                 "wall_s": busy,
             }
             state = LoopStep(k, policy, experience, metrics)
-            stop = any([bool(callback(state)) for callback in callbacks])  # a list: every callback sees every step
+            stop = any([callback(state) is False for callback in callbacks])  # a list: every callback sees every step
             bar.set_postfix(success=f"{metrics['success']:.2f}", ret=f"{metrics['mean_return']:.1f}", refresh=False)
             bar.update(1)
             yield state
@@ -202,8 +211,33 @@ def _run(
                 return
             start = time.perf_counter()
             history = [*history, replace(experience, rewards=None) if reward_free else experience][-memory:]
-            policy = improver.step(policy, Trajectory.cat(history), mode=mode)
+            watched = Trajectory.cat(history)
+            if mode == "parameters":
+                visited.append(experience.observations[experience.mask])
+                earlier = visited[: -len(history)]  # the states of the watched steps are in the experience already
+                teacher = improver.step(policy, watched, mode="behaviour")
+                policy = improver.step(policy, watched, extra_states=torch.cat(earlier) if earlier else None)
+            else:
+                policy = improver.step(policy, watched, mode=mode)
             busy += time.perf_counter() - start
+
+
+def _collect(
+    actor: Any, teacher: nn.Module | None, tasks: list[Task], exploration: float, seed: int, render: RenderConfig | None
+) -> Trajectory:
+    """One episode per task with ``exploration`` noise: all by ``actor`` or, given a ``teacher``,
+    the first half (rounded down) by the teacher and the rest by ``actor``.
+
+    The teacher's episodes are DAgger's mixture (Ross et al., 2011): they add the states the improved
+    behaviour reaches, which a copy distilled only on its own states finds one step at a time.
+    """
+    share = len(tasks) // 2 if teacher is not None else 0
+    parts = [
+        rollout(ExplorationNoise(exploration, part_seed).wrap(who), part, 1, seed=part_seed, render=render, progress=False)
+        for who, part, part_seed in ((teacher, tasks[:share], derive_seed(seed, 1)), (actor, tasks[share:], seed))
+        if part
+    ]
+    return parts[0] if len(parts) == 1 else Trajectory.cat(parts)
 
 
 class TaskSampling:
@@ -262,7 +296,8 @@ class StopOnSuccess:
         self.threshold = threshold
 
     def __call__(self, state: LoopStep) -> bool:
-        return state.metrics["success"] >= self.threshold
+        """``False`` (stop) once the step's success reaches the threshold."""
+        return state.metrics["success"] < self.threshold
 
 
 class Checkpoint:

@@ -1,6 +1,7 @@
 """The improvement loop's settings, carried by an improver as Hugging Face models carry a generation config.
 
 Its own module (not ``loop.py``) because ``operator.Improver`` stores them and ``loop`` imports ``operator``.
+It imports nothing heavy (no torch), so the ``improver`` command's help can nest :class:`LoopOverrides`.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
-
-from .saved_files import check_keys
 
 Mode = Literal["parameters", "behaviour"]
 RENAMED = {"goal_exploration": "task_exploration", "wide_goal_exploration": "wide_task_exploration"}
@@ -77,8 +76,34 @@ class LoopSettings:
             raise ValueError(f"{path}: loop_settings must be a JSON object; got {type(record).__name__}")
         # Written before task inference had one interface, under the names of RENAMED.
         record = {RENAMED.get(key, key): value for key, value in record.items()}
+        from .saved_files import check_keys  # it imports torch, which the settings themselves never need
+
         check_keys(record, path, (), [f.name for f in fields(cls)])
         try:
             return cls(**record)
         except ValueError as err:
             raise ValueError(f"{path}: its loop_settings are not valid: {err}") from err
+
+
+@dataclass(frozen=True)
+class LoopOverrides:
+    """Loop settings to put in place of an improver's own; each left ``None`` is the improver's (its saved ``loop_settings``).
+
+    The command line nests this into every command that runs the loop (``--mode``, ``--exploration``, ...).
+    Its fields are those of :class:`LoopSettings`, each optional.
+    """
+
+    mode: Mode | None = None
+    """Distil into the policy's own parameters, or act with the improver's head (default: the improver's)."""
+    exploration: float | None = None
+    """Std of the Gaussian noise on actions while collecting (the improver infers the task from the spread; default: the improver's)."""
+    task_exploration: float | None = None
+    """Behaviour mode: std (task-parameter units, e.g. metres) of a per-episode offset of the task the head acts on (default: the improver's)."""
+    wide_task_exploration: float | None = None
+    """Behaviour mode: the task exploration of a step after one whose episodes all failed (0: --task-exploration; default: the improver's)."""
+    memory: int | None = None
+    """Each step watches the episodes of the last this many steps (default: the improver's)."""
+
+    def applied(self, settings: LoopSettings) -> LoopSettings:
+        """``settings`` with the overrides given in their place (see :meth:`LoopSettings.overridden`)."""
+        return settings.overridden(**asdict(self))

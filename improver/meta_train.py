@@ -161,7 +161,7 @@ def _scored(improver: Improver, example: Example) -> Example:
     return example._replace(lesser=improver.scored(example.lesser)) if improver.reward_free else example
 
 
-def _ladders(improver: Improver, dataset: ImprovementDataset) -> dict[int, Trajectory]:
+def noise_ladders(improver: Improver, dataset: ImprovementDataset) -> dict[int, Trajectory]:
     """Each task's noise-ladder episodes, with the rewards the improver reads, by task index."""
     ranked, _ = dataset.ranked()
     if improver.reward_free:
@@ -275,7 +275,7 @@ def meta_train(
         with atomic_path(out / SETTINGS) as tmp:
             tmp.write_text(json.dumps(settings, indent=2))
     accelerator.init_trackers("meta_train", config=asdict(config))
-    ladders = _ladders(improver, dataset) if config.locate_ranked and inference is not None else {}
+    ladders = noise_ladders(improver, dataset) if config.locate_ranked and inference is not None else {}
     rank, world = accelerator.process_index, accelerator.num_processes
     bar = tqdm(total=config.steps, initial=step, desc="meta-train", disable=not (progress and accelerator.is_local_main_process))
     while step < config.steps:

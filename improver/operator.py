@@ -228,6 +228,7 @@ class Improver(nn.Module):
         experience: Trajectory,
         mode: Literal["parameters", "behaviour"] = "parameters",
         inputs: PolicyInputs = "observations",
+        extra_states: torch.Tensor | None = None,
     ) -> nn.Module:
         """One improvement step. The input policy is never modified (it is looked at in eval mode).
 
@@ -246,6 +247,11 @@ class Improver(nn.Module):
                 on observations.
             inputs: What the policy reads: ``"observations"`` ``[B, obs_dim]``, or ``"frames"``
                 (a pixel policy): float ``[B, 3, H, W]`` in ``[0, 1]``, from the experience's frames.
+            extra_states: Parameters mode, ``inputs="observations"`` only: ``[N, obs_dim]`` more
+                states to fit the copy on, labelled with the improved behaviour like the
+                experience's own. The improvement loop passes every state its earlier steps'
+                policies visited (DAgger: a fit on the lesser policy's states alone drifts off
+                them where the improved behaviour goes).
 
         Returns:
             The improved policy.
@@ -261,6 +267,12 @@ class Improver(nn.Module):
                 f"parameters mode distils into the policy's own parameters, so it needs an nn.Module with parameters; "
                 f"got a {type(policy).__name__} without any: use mode='behaviour'"
             )
+        if extra_states is not None:
+            if mode != "parameters" or inputs != "observations":
+                raise ValueError("extra_states are fitted on in parameters mode on observations only")
+            if not isinstance(extra_states, torch.Tensor) or extra_states.ndim != 2 or extra_states.shape[-1] != self.config.obs_dim:
+                shape = tuple(extra_states.shape) if isinstance(extra_states, torch.Tensor) else type(extra_states).__name__
+                raise ValueError(f"extra_states must be an [N, {self.config.obs_dim}] tensor of observations; got {shape}")
         # Distillation needs autograd, which inference mode turns off; tensors made in it are read only.
         with torch.inference_mode(False):
             experience = self._check(policy, experience, inputs)
@@ -269,6 +281,8 @@ class Improver(nn.Module):
             states, policy_inputs = policy_inputs_of(experience.to(self.log_lrs.device), inputs)
             if mode == "behaviour":
                 return checked(BehaviourPolicy(copy.deepcopy(self.net), z).eval(), states)
+            if extra_states is not None:
+                states = policy_inputs = torch.cat([states, extra_states.to(states)])
             with torch.no_grad():
                 targets = self.net.head.act(self.net.normalize(states), z)
             improved = copy.deepcopy(policy)

@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from improver.augment.dataset import ImprovementDataset, read_trajectory, write_trajectory
+from improver.augment.generate import dataset_suite
 from improver.tasks.rollout import relabel, rollout
 from improver.types import Trajectory
 
@@ -90,8 +91,6 @@ def collect_loop_episodes(
     write each task's experiences, one per step, to ``folder/task-IIII.h5``, each with the suite's expert
     actions on its states (``expert_actions``) and, from step 1 on, the loop's context (``context``).
     Tasks already written are skipped (a killed run resumes)."""
-    from .tasks import make_suite
-
     starts: dict[int, int] = {}
     for i in range(len(dataset)):
         example = dataset.example(i)
@@ -103,7 +102,7 @@ def collect_loop_episodes(
     for task, i in tqdm(mine, desc=f"loop episodes (process {rank})", unit="task", disable=not progress):
         example = dataset.example(i)
         info = example.lesser.tasks[0]
-        suite = make_suite(info.suite, info.suite_seed)
+        suite = dataset_suite(dataset.manifest["config"], info.suite_seed)  # the expert the dataset imitates
         env_task = suite.tasks(info.split)[info.index]
         loop = improvement_loop(
             improver, example.policy, env_task, config.loop_steps, config.episodes, seed=config.seed, mode="behaviour",
@@ -157,7 +156,7 @@ def refine_locator(
         collect_loop_episodes(improver, dataset, config, out / "episodes", accelerator.process_index, accelerator.num_processes, progress)
     accelerator.wait_for_everyone()
     with torch.no_grad():  # the rewards a step reads: a reward-free improver's come from its ranking reward model
-        experiences = [improver.scored(e.to(accelerator.device)) for path in sorted((out / "episodes").glob("task-*.h5")) for e in _read_steps(path)]
+        experiences = [improver.scored(e.to(accelerator.device)) for path in sorted((out / "episodes").glob("task-*.h5")) for e in read_loop_episodes(path)]
     before = _mean_error(improver, experiences)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(inference.parameters(), lr=config.lr)
@@ -313,7 +312,8 @@ def _task_file(folder: Path, task: int) -> Path:
     return folder / f"task-{task:04d}.h5"
 
 
-def _read_steps(path: Path) -> list[Trajectory]:
+def read_loop_episodes(path: Path) -> list[Trajectory]:
+    """One task's file of :func:`collect_loop_episodes`: the experience of each loop step, step 0 first."""
     with h5py.File(path, "r") as f:
         return [read_trajectory(f[name]) for name in sorted(f, key=int)]
 

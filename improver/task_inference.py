@@ -1,6 +1,6 @@
 """Task inference: a belief about the hidden task, inferred from experience.
 
-The tasks of a suite differ in hidden parameters (the suites record them as ``TaskInfo.goal``:
+The tasks of a suite differ in hidden parameters (the suites record them as ``TaskInfo.parameters``:
 a goal position for Meta-World's ML1 and the toy suite). This module is the only one that
 knows what those parameters are; the rest of the package sees a :class:`TaskInference`: a
 belief vector ``[belief_dim]`` that the network appends to its context ``z``, its training
@@ -36,7 +36,7 @@ BOUND = 3.0
 
 def task_parameters(info: TaskInfo) -> torch.Tensor:
     """The hidden parameters ``[task_dim]`` (float32, the task's own units) of the task an episode ran on."""
-    return torch.tensor(info.goal, dtype=torch.float32)
+    return torch.tensor(info.parameters, dtype=torch.float32)
 
 
 class TaskInference(nn.Module, ABC):

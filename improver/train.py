@@ -5,6 +5,7 @@ split over the processes of an ``accelerate launch``:
 
 0. ``DIR/expert_check.json``: the expert succeeds, and a smooth head can follow it (no jumps at
    phase switches), on a few training tasks (:func:`improver.tasks.expert_check.expert_check`).
+   A family whose smoothed expert loses success against its raw scripted policy imitates the raw one.
 1. ``DIR/data/train`` and ``DIR/data/heldout``: datasets of training and held-out tasks
    (``improver generate``); the held-out one only supplies starting policies and is never trained on.
 2. ``DIR/starting/train`` and ``DIR/starting/heldout``: starting policies, the zoo policies with
@@ -42,7 +43,7 @@ from accelerate import PartialState  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
-from .benchmark import improver_rows, mean_ci  # noqa: E402
+from .bench import improver_rows, mean_ci  # noqa: E402
 from .loop_settings import LoopSettings  # noqa: E402
 from .operator import Improver  # noqa: E402
 from .policies import load_policy  # noqa: E402
@@ -50,6 +51,7 @@ from .saved_files import read_json_object  # noqa: E402
 from .tasks import Task, make_suite, rollout  # noqa: E402
 from .task_inference import TASK_INFERENCE_NAMES, TaskInferenceName  # noqa: E402
 from .tasks.evaluation import format_table  # noqa: E402
+from .tasks.expert_check import raw_is_better  # noqa: E402
 
 SETTINGS = "train_config.json"
 
@@ -137,7 +139,7 @@ def train(config: TrainConfig, out: str | os.PathLike, progress: bool = True) ->
         ValueError: ``out`` holds a training run of other settings.
     """
     from .augment.dataset import ImprovementDataset
-    from .augment.generate import GenerateConfig, generate
+    from .augment.generate import GenerateConfig, dataset_suite, generate
     from .demo import export_lesser
     from .meta_train import MetaTrainConfig, build_improver, meta_train
     from .refine import RefineConfig, refine_locator
@@ -163,10 +165,11 @@ def train(config: TrainConfig, out: str | os.PathLike, progress: bool = True) ->
     stage("expert check", t)
 
     t = time.perf_counter()
+    raw = tuple(family for family, c in checks.items() if raw_is_better(c["expert"]["success"], c["raw"] and c["raw"]["success"]))
     datasets = {}
     for split, tasks in (("train", config.train_tasks), ("test", config.heldout_tasks)):
         folder = out / "data" / ("train" if split == "train" else "heldout")
-        generate(GenerateConfig(config.suite, split, config.preset, config.seed, tasks=tasks), folder, progress=progress)
+        generate(GenerateConfig(config.suite, split, config.preset, config.seed, tasks=tasks, raw_expert_families=raw), folder, progress=progress)
         datasets[split] = ImprovementDataset(folder)
     stage("data", t)
 
@@ -182,7 +185,7 @@ def train(config: TrainConfig, out: str | os.PathLike, progress: bool = True) ->
     stage("starting policies", t)
 
     improvers, choice, candidates = {}, {}, {}
-    suite = make_suite(config.suite)
+    suite = dataset_suite(datasets["train"].manifest["config"])  # with the expert the data imitates
     train_starts = _starts(starting["train"], suite)
     for inference in config.task_inference:
         t = time.perf_counter()
@@ -286,7 +289,7 @@ def _starts(folder: Path, suite: Any) -> list[tuple[str, torch.nn.Module, Task]]
 def _run_units(
     improver: Improver, settings: LoopSettings, starts: list, seeds: int, config: TrainConfig, folder: Path, state: PartialState, progress: bool
 ) -> list[dict[str, Any]]:
-    """Run :func:`improver.benchmark.improver_rows` for every (starting policy, seed) unit, split over the processes; each
+    """Run :func:`improver.bench.improver_rows` for every (starting policy, seed) unit, split over the processes; each
     unit's rows are written to ``folder/<policy>-<seed>.json`` and a rerun skips those on disk."""
     units = [(name, policy, task, config.seed + 1000 * s) for name, policy, task in starts for s in range(seeds)]
 

@@ -34,7 +34,7 @@ SuccessSource = Literal["success", "is_success"] | SuccessFn | None
 def unknown_task(index: int = 0, episode_seed: int = -1) -> TaskInfo:
     """The neutral :class:`TaskInfo` of an episode whose task the collector does not know.
 
-    Its names are ``"unknown"``, its task parameters empty (``goal=()``), its seeds 0 and
+    Its names are ``"unknown"``, its task parameters empty (``parameters=()``), its seeds 0 and
     ``episode_seed``; the improver's step never reads them (only meta-training does).
 
     Args:
@@ -104,7 +104,7 @@ class TrajectoryBuilder:
         return self._tasks.get(env) or self._common or unknown_task(env)
 
     def set_task(self, task: TaskInfo, env: int = 0) -> None:
-        """Record ``task`` with environment ``env``'s episodes from its running one on (e.g. at a new goal)."""
+        """Record ``task`` with environment ``env``'s episodes from its running one on (e.g. at a new task)."""
         if not isinstance(task, TaskInfo):
             raise ValueError(f"task must be a TaskInfo; got {type(task).__name__}")
         self._tasks[env] = task

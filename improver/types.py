@@ -9,7 +9,7 @@ import torch
 
 
 class TaskInfo(NamedTuple):
-    """What is known about the task an episode ran on. The learner never sees the goal.
+    """What is known about the task an episode ran on. The learner never sees its parameters.
 
     Attributes:
         suite: Suite name, e.g. ``"ML1:push-v3"``.
@@ -18,7 +18,9 @@ class TaskInfo(NamedTuple):
         index: Index of the task inside its split.
         suite_seed: Seed the suite was built with.
         episode_seed: Seed of this episode's reset.
-        goal: The goal position (hidden from the learner's observations).
+        parameters: The task's hidden parameters (Meta-World's ML1 and the toy suite: a target
+            position), absent from the learner's observations; the env's reset info
+            ``"task_parameters"`` (``()``: unknown).
         reward_function_version: Meta-World's reward version (``"toy"`` for toy suites).
     """
 
@@ -28,7 +30,7 @@ class TaskInfo(NamedTuple):
     index: int
     suite_seed: int
     episode_seed: int
-    goal: tuple[float, ...]
+    parameters: tuple[float, ...]
     reward_function_version: str
 
 
@@ -37,7 +39,7 @@ class Policy(Protocol):
     """Anything that maps a batch of observations ``[B, obs_dim]`` to actions ``[B, act_dim]``.
 
     A plain ``torch.nn.Module``, a function or a scripted expert all qualify; nothing to inherit.
-    A policy that needs to know its task (a scripted expert reads the hidden goal) may also
+    A policy that needs to know its task (a scripted expert reads the task's hidden parameters) may also
     define ``for_task(info: TaskInfo) -> Policy``; the rollout collector then calls it once per
     episode and acts with the returned policy.
     """
@@ -56,7 +58,7 @@ class Trajectory:
     """A batch of episodes, padded to a common length.
 
     Attributes:
-        observations: ``[B, T, obs_dim]`` float32, what the learner saw (goal hidden).
+        observations: ``[B, T, obs_dim]`` float32, what the learner saw (task parameters hidden).
         actions: ``[B, T, act_dim]`` float32.
         rewards: ``[B, T]`` float32, or ``None`` for reward-free experience.
         successes: ``[B, T]`` bool, the environment's success flag per step.

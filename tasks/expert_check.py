@@ -30,6 +30,10 @@ at their phase switches, their smoothed versions (16 samples, 5 mm) by 0.13-0.5.
 SUCCESS_LIMIT = 0.8
 """Lowest success rate for an expert whose imitation is worth training."""
 
+RAW_MARGIN = 0.2
+"""Success the suite's (smoothed) expert may lose against its raw scripted policy before the raw
+one is imitated instead (:attr:`ExpertCheck.use_raw`): 2 of the 10 episodes of a default check."""
+
 
 class ExpertStats(NamedTuple):
     """What one expert did on the checked tasks of one family.
@@ -64,6 +68,17 @@ class ExpertCheck(NamedTuple):
     expert: ExpertStats
     raw: ExpertStats | None
     problem: str | None
+
+    @property
+    def use_raw(self) -> bool:
+        """Whether the raw scripted policy is the better one to imitate (:func:`raw_is_better`)."""
+        return raw_is_better(self.expert.success, None if self.raw is None else self.raw.success)
+
+
+def raw_is_better(expert_success: float, raw_success: float | None) -> bool:
+    """Whether an expert's smoothing costs more than :data:`RAW_MARGIN` of its raw form's success
+    (a jumpy expert that works beats a smooth one that stalls); ``raw_success`` ``None``: no raw form."""
+    return raw_success is not None and raw_success - expert_success > RAW_MARGIN
 
 
 def _action_bounds(task: Task) -> tuple[np.ndarray, np.ndarray]:

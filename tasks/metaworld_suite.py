@@ -12,7 +12,7 @@ import atexit
 import warnings
 from collections import defaultdict
 from functools import partial
-from typing import Any
+from typing import Any, Collection
 
 import gymnasium as gym
 import numpy as np
@@ -54,7 +54,7 @@ class MetaWorldTaskEnv(gym.Wrapper):
     """Makes a Meta-World env follow the ``Task`` contract.
 
     ``reset(seed=...)`` seeds the env through ``env.seed`` (Meta-World ignores the reset seed),
-    observations are float32, the reset info carries ``"goal"``, and step infos are cut down to
+    observations are float32, the reset info carries ``"task_parameters"`` (the goal), and step infos are cut down to
     ``"success"`` so that vector environments do not spend time merging unused keys.
     ``close()`` hands the bare env back for reuse.
     """
@@ -68,7 +68,7 @@ class MetaWorldTaskEnv(gym.Wrapper):
             self.env.unwrapped.seed(seed)
         obs, _ = self.env.reset()
         goal = np.asarray(self.env.unwrapped._get_pos_goal(), dtype=np.float32).copy()
-        return obs.astype(np.float32), {"goal": goal}
+        return obs.astype(np.float32), {"task_parameters": goal}
 
     def step(self, action: np.ndarray):
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -160,16 +160,6 @@ class SmoothPickPlacePolicy:
 # Families whose scripted policy is replaced by a smoother one that reaches the same goal.
 SMOOTH_POLICIES = {"push-v3": SmoothPushPolicy, "pick-place-v3": SmoothPickPlacePolicy}
 
-# Families whose scripted policy is used as it is, and why (measured on 5 training goals x 2 episodes).
-# Basketball and peg-insert-side carry the object 2.3-2.4 cm below the hand and decide "holding it"
-# by a 2.5 cm threshold: 1-2 mm of margin, so a smoothed policy sits between carrying and
-# re-grasping and stalls (0/10 at a scale of 2.5 mm and of 5 mm, where the raw policy made 8/10 and 10/10).
-UNSMOOTHED = {
-    "reach-v3": "no phase switch: already continuous",
-    "basketball-v3": "carries the ball 2 mm inside its 2.5 cm switch; smoothed, it stalls",
-    "peg-insert-side-v3": "carries the peg 1 mm inside its 2.5 cm switch; smoothed, it stalls",
-}
-
 # The observation's positions a scripted policy reads: the hand, the first object and the second
 # object (zero in one-object families); smoothing perturbs these, never the goal or the quaternions.
 POSITION_COORDINATES = np.r_[0:3, 4:7, 11:14]
@@ -177,7 +167,7 @@ POSITION_COORDINATES = np.r_[0:3, 4:7, 11:14]
 SMOOTHING_SCALE = 0.005
 """Standard deviation (metres) of :class:`SmoothedPolicy`'s offsets in the default expert. Chosen on
 5 training goals x 2 episodes of 14 families: at 5 mm the smoothed experts kept the scripted
-ones' success (all but :data:`UNSMOOTHED`) and their largest action change for a 1 mm state
+ones' success in 12 (not basketball-v3 and peg-insert-side-v3) and their largest action change for a 1 mm state
 change fell from 1.0-2.0 to 0.13-0.5; at 1 cm six families stalled."""
 
 SMOOTHING_SAMPLES = 16
@@ -234,10 +224,13 @@ class MetaWorldExpert:
     """Meta-World's scripted policies (``metaworld.policies``), one per task family, made smooth
     enough for a learned head to imitate.
 
-    A family of :data:`SMOOTH_POLICIES` gets its hand-written smooth policy, one of
-    :data:`UNSMOOTHED` its scripted policy as is, and every other family its scripted policy
-    under :class:`SmoothedPolicy` (check a new family with
-    :func:`improver.tasks.expert_check.expert_check`).
+    A family of ``unsmoothed`` gets its scripted policy as is, one of :data:`SMOOTH_POLICIES`
+    its hand-written smooth policy, and every other family its scripted policy under
+    :class:`SmoothedPolicy`. Which families to leave unsmoothed is measured, not listed:
+    :func:`improver.tasks.expert_check.expert_check` compares the smoothed and the raw policy on
+    training tasks, and ``improver train`` generates with :meth:`raw` for the families whose
+    smoothing costs success (a scripted policy that holds its object 1-2 mm inside a switch, as
+    basketball-v3's and peg-insert-side-v3's do, stalls when smoothed).
 
     Args:
         smoothing: Scale (metres) of :class:`SmoothedPolicy`, or ``None`` for the scripted
@@ -245,13 +238,15 @@ class MetaWorldExpert:
         samples: Samples per smoothed action.
         seed: Seeds the smoothing offsets.
         hand_written: Use the hand-written policies of :data:`SMOOTH_POLICIES`.
+        unsmoothed: Families whose scripted policy is used as it is.
     """
 
     position_coordinates = POSITION_COORDINATES
     """Observation coordinates that are positions, in metres (what an expert check measures changes of)."""
 
     def __init__(
-        self, smoothing: float | None = SMOOTHING_SCALE, samples: int = SMOOTHING_SAMPLES, seed: int = 0, hand_written: bool = True
+        self, smoothing: float | None = SMOOTHING_SCALE, samples: int = SMOOTHING_SAMPLES, seed: int = 0, hand_written: bool = True,
+        unsmoothed: Collection[str] = (),
     ) -> None:
         if smoothing is not None:
             _check_smoothing(smoothing, samples)  # fail here, not at the first rollout
@@ -259,10 +254,14 @@ class MetaWorldExpert:
         self.samples = samples
         self.seed = seed
         self.hand_written = hand_written
+        self.unsmoothed = frozenset(unsmoothed)
 
-    def raw(self) -> "MetaWorldExpert":
-        """Meta-World's scripted policies exactly as they are: no hand-written ones, no smoothing."""
-        return MetaWorldExpert(smoothing=None, hand_written=False)
+    def raw(self, families: Collection[str] | None = None) -> "MetaWorldExpert":
+        """Meta-World's scripted policies exactly as they are (no hand-written ones, no smoothing),
+        for ``families`` only if given (the others as this expert has them)."""
+        if families is None:
+            return MetaWorldExpert(smoothing=None, hand_written=False)
+        return MetaWorldExpert(self.smoothing, self.samples, self.seed, self.hand_written, self.unsmoothed | set(families))
 
     def policy(self, family: str) -> Any:
         """The policy (``get_action(obs [39]) -> [4]``, goal in the observation) used for ``family``."""
@@ -270,17 +269,19 @@ class MetaWorldExpert:
 
         if family not in ENV_POLICY_MAP:
             raise ValueError(f"Meta-World has no scripted policy for task family {family!r}")
+        scripted = ENV_POLICY_MAP[family]()
+        if family in self.unsmoothed:
+            return scripted
         if self.hand_written and family in SMOOTH_POLICIES:
             return SMOOTH_POLICIES[family]()
-        scripted = ENV_POLICY_MAP[family]()
-        if self.smoothing is None or family in UNSMOOTHED:
+        if self.smoothing is None:
             return scripted
         return SmoothedPolicy(scripted, self.smoothing, self.samples, self.seed)
 
     def for_task(self, info: TaskInfo) -> "_BoundExpert":
         """Bind to one task: its family's policy and its hidden goal."""
         policy = self.policy(info.family)
-        aim = np.asarray(info.goal, dtype=np.float64) + AIM_OFFSET.get(info.family, 0.0)
+        aim = np.asarray(info.parameters, dtype=np.float64) + AIM_OFFSET.get(info.family, 0.0)
         return _BoundExpert(policy, aim)
 
     def __call__(self, observations: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,7 @@ def _collect(policy, batch, seeds, placement, max_steps, stop_on_success, render
             index=t.index,
             suite_seed=t.suite_seed,
             episode_seed=s,
-            goal=tuple(float(g) for g in info["goal"][i]),
+            parameters=tuple(float(g) for g in info["task_parameters"][i]),
             reward_function_version=t.reward_function_version,
         )
         for i, (t, s) in enumerate(zip(batch, seeds))

@@ -20,7 +20,7 @@ class Task:
     """One task of a suite: a family and one setting of its hidden parameters (goal, objects).
 
     The environment it builds follows the rollout contract: ``reset(seed=...)`` is honoured,
-    the reset ``info`` carries ``"goal"``, each step's ``info`` carries ``"success"``, and the
+    the reset ``info`` carries ``"task_parameters"``, each step's ``info`` carries ``"success"``, and the
     observation is what the learner may see (goal hidden in ML suites).
 
     Attributes:

@@ -48,7 +48,7 @@ class Reach2D(gym.Env):
         super().reset(seed=seed)
         self.position = self.np_random.uniform(-0.2, 0.2, size=2).astype(np.float32)
         self.velocity = np.zeros(2, dtype=np.float32)
-        return self._obs(), {"goal": self.goal.copy()}
+        return self._obs(), {"task_parameters": self.goal.copy()}
 
     def step(self, action: np.ndarray):
         self.velocity = SPEED * np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
@@ -73,7 +73,7 @@ class Reach2DExpert:
 
     def for_task(self, info: TaskInfo) -> "_GoalSeeker":
         """Bind to one task's (hidden) goal."""
-        return _GoalSeeker(torch.tensor(info.goal, dtype=torch.float32))
+        return _GoalSeeker(torch.tensor(info.parameters, dtype=torch.float32))
 
     def __call__(self, observations: torch.Tensor) -> torch.Tensor:
         raise TypeError("the reach2d expert needs its task: call expert.for_task(info) first (rollout does this)")

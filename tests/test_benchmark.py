@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from improver.benchmark import (
+from improver.baselines import Checkpoint
+from improver.bench import (
+    CONTENDERS,
     BenchConfig,
     aggregate,
     compare,
+    finished_units,
     gap_closed,
     load_starts,
     mean_ci,
     ppo_to_match,
     ratio,
     run_benchmark,
+    score,
 )
+from improver.loop_settings import LoopSettings
 from improver.network import NetworkConfig
 from improver.operator import Improver
 from improver.policies import MLPPolicy, save_policy
@@ -99,7 +106,7 @@ def test_tiny_preset_end_to_end(toy_bench, toy_dataset, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["table"]) == {"improver-behaviour", "improver-parameters", "ppo", "maml", "bc"}
     assert results["reward_function_versions"] == ["toy"] and results["versions"]["stable-baselines3"] != "not installed"
-    assert results["maml"]["second_order"] and results["seeds"] == [0]
+    assert results["reports"]["maml"]["second_order"] and results["seeds"] == [0]
     budget = results["budget_per_step"]
     assert budget == 2 * 40  # tiny preset: 2 episodes of the toy's 40 steps per step
     for unit in results["per_unit"]:
@@ -117,27 +124,64 @@ def test_tiny_preset_end_to_end(toy_bench, toy_dataset, tmp_path):
     assert "## ppo" in (out / "results.md").read_text()
 
 
-def test_a_run_resumes_and_adds_policies_and_seeds(toy_bench, tmp_path, monkeypatch):
-    import improver.benchmark as bench
+@dataclass
+class Unchanged:
+    """A contender that never changes the policy and notes the units it ran (task, seed): plugged in by one registry entry."""
 
+    ran: list
+    name = "unchanged"
+    note = "unchanged: the starting policy, scored at every step."
+    report = None
+
+    def rows(self, policy, tasks, budget, steps, episodes, seed):
+        self.ran.append((tasks[0].index, seed))
+        return score([Checkpoint(policy, 0, 0.0)] * (steps + 1), tasks, episodes, seed)
+
+
+def test_a_run_resumes_and_adds_policies_and_seeds(toy_bench, tmp_path, monkeypatch):
     ran = []
-    run_unit = bench._run_unit
-    monkeypatch.setattr(bench, "_run_unit", lambda config, improver, maml, start, seed, budget: ran.append((start.name, seed)) or run_unit(config, improver, maml, start, seed, budget))
-    config = dict(suite="toy:reach2d", improver=toy_bench / "improver", policies=toy_bench / "lesser", preset="tiny", contenders=("improver-behaviour", "bc"))
+    monkeypatch.setitem(CONTENDERS, "unchanged", lambda setup: Unchanged(ran))
+    config = dict(suite="toy:reach2d", improver=toy_bench / "improver", policies=toy_bench / "lesser", preset="tiny", contenders=("improver-behaviour", "unchanged"))
     one = run_benchmark(BenchConfig(**config, seeds=1, max_policies=1), tmp_path)
-    assert ran == [("00", 0)] and one["complete"] and one["policies"] == ["00"]
+    assert ran == [(0, 0)] and one["complete"] and one["policies"] == ["00"]
+    # the plugged-in contender is scored, compared and described like the built-in ones
+    assert list(one["table"]) == ["improver-behaviour", "unchanged"] and Unchanged.note in one["notes"]
+    assert {r["vs"] for r in one["comparison"]} == {"unchanged"}
     first = run_benchmark(BenchConfig(**config, seeds=1), tmp_path)  # both policies: only the second one runs
-    assert ran == [("00", 0), ("01", 0)] and first["complete"] and first["per_unit"][0] == one["per_unit"][0]
+    assert ran == [(0, 0), (1, 0)] and first["complete"] and first["per_unit"][0] == one["per_unit"][0]
     again = run_benchmark(BenchConfig(**config, seeds=1), tmp_path)
-    assert ran == [("00", 0), ("01", 0)] and again["per_unit"] == first["per_unit"]  # nothing rerun
+    assert ran == [(0, 0), (1, 0)] and again["per_unit"] == first["per_unit"]  # nothing rerun
     with pytest.raises(ValueError, match="does not ask for"):  # a smaller run would drop finished units from disk
         run_benchmark(BenchConfig(**config, seeds=1, max_policies=1), tmp_path)
     more = run_benchmark(BenchConfig(**config, seeds=2), tmp_path)
-    assert ran[2:] == [("00", 1000), ("01", 1000)]
+    assert ran[2:] == [(0, 1000), (1, 1000)]
     assert more["per_unit"][:2] == first["per_unit"] and more["seeds"] == [0, 1000] and more["units"] == 4
     assert more["wall_time_s"] > first["wall_time_s"]
     with pytest.raises(ValueError, match="other settings \\(steps\\)"):
         run_benchmark(BenchConfig(**config, seeds=2, steps=3), tmp_path)
+    with pytest.raises(ValueError, match="unknown contenders \\['nope'\\]"):
+        BenchConfig(contenders=("ppo", "nope")).resolved()
+
+
+def test_results_of_the_benchmark_module_before_the_package_resume(tmp_path):
+    """A results.json written by improver/benchmark.py (docs/bench/push-v3: older key names, no memory) resumes."""
+    old = {
+        "suite": "ML1:push-v3", "improver": "pretrained/push-v3/improver", "policies": "pretrained/push-v3/lesser", "data": "runs/push-v3/train",
+        "preset": "small", "steps": 3, "episodes": 10, "seeds": 1, "ppo_multipliers": [1], "max_policies": 4,
+        "contenders": ["improver-behaviour", "improver-parameters", "ppo", "maml", "bc"], "noise": 0.3, "goal_exploration": 0.04,
+        "wide_goal_exploration": 0.08, "maml": {"examples": 16, "episodes": 4, "iterations": 100, "inner_steps": 5, "outer_lr": 0.03, "first_order": False},
+        "maml_update": None, "suite_seed": 0, "ppo_kwargs": {},
+    }
+    row = {"step": 0, "env_steps": 0, "success": 0.0, "mean_return": 1.0, "wall_s": 0.0}
+    unit = {"policy": "00", "tasks": [0], "seed": 0, "expert_return": 5.0, "runs": {"bc": [row]}}
+    (tmp_path / "results.json").write_text(json.dumps({"complete": False, "config": old, "maml": None, "per_unit": [unit], "wall_time_s": 12.0}))
+    config = BenchConfig(
+        suite="ML1:push-v3", improver=Path("pretrained/push-v3/improver"), policies=Path("pretrained/push-v3/lesser"), data=Path("runs/push-v3/train"),
+        ppo_multipliers=(1,), max_policies=4, seeds=3,
+    ).resolved().with_loop_settings(LoopSettings("behaviour", 0.3, 0.04, 0.08, 1))  # the shipped push-v3 improver's
+    assert finished_units(tmp_path, config, {("00", s) for s in (0, 1000, 2000)}) == ([unit], 12.0)
+    with pytest.raises(ValueError, match="other settings \\(memory\\)"):
+        finished_units(tmp_path, replace(config, memory=2), {("00", 0)})
 
 
 def test_wide_task_exploration_reaches_the_improver_loop(tmp_path):

@@ -11,7 +11,7 @@ from improver.tasks.toy import SPEED
 
 def seeker(task):
     """A teacher that heads for the task's hidden goal (the toy suite's scripted expert, bound to it)."""
-    goal = torch.as_tensor(task.make_env().reset(seed=0)[1]["goal"])
+    goal = torch.as_tensor(task.make_env().reset(seed=0)[1]["task_parameters"])
     return lambda obs: ((goal - obs[:, :2]) / SPEED).clamp(-1.0, 1.0)
 
 

@@ -31,7 +31,10 @@ def test_demo_writes_table_plot_and_videos(pretrained, tmp_path, capsys):
     assert [row["step"] for row in table] == [0, 1, 2]
     # 2 policies x 3 toy episodes of 40 steps per step, counted cumulatively.
     assert [row["env_steps"] for row in table] == [240, 480, 720]
-    assert all(0.0 <= row["success"] <= 1.0 for row in table)
+    # each step's row pools the policies' own rows (equal episodes each: their mean)
+    per_policy = [run["rows"] for run in summary["policies"]]
+    assert len(per_policy) == 2
+    assert [row["success"] for row in table] == pytest.approx([sum(rows[k]["success"] for rows in per_policy) / 2 for k in range(3)])
     for name in ("success_vs_step.png", "before.mp4", "after.mp4"):
         assert (tmp_path / name).stat().st_size > 1000
     written = json.loads((tmp_path / "summary.json").read_text())

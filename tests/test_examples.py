@@ -54,8 +54,11 @@ def test_cleanrl_script_replaces_the_ppo_update(monkeypatch, toy_improver, tmp_p
     example = load_example("cleanrl_improver.py", monkeypatch)
     args = example["Args"](env_id="toy:reach2d", improver=toy_improver, num_iterations=2, num_episodes=2, log_dir=tmp_path)
     successes = example["main"](args)
-    assert len(successes) == 3 and all(0.0 <= s <= 1.0 for s in successes)
-    assert list(tmp_path.rglob("events.out.tfevents*"))
+    assert len(successes) == 3 and all(2 * s in (0.0, 1.0, 2.0) for s in successes)  # success rates of 2 episodes
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents*")).parent)).Reload()
+    assert [e.value for e in events.Scalars("charts/success_rate")] == pytest.approx(successes)
     assert capsys.readouterr().out.count("global_step=") == 3
 
 

@@ -209,13 +209,18 @@ def _long_tasks():
 
 def test_improvement_loop_and_command(improver, toy, tmp_path, capsys):
     from improver.cli import main
-    from improver.loop import improve
+    from improver.loop import improve, improvement_loop
     from improver.policies import save_policy
 
-    final, rows = improve(improver, MLPPolicy(4, 2), toy.tasks("test")[:2], steps=2, episodes=4)
+    start = MLPPolicy(4, 2)
+    final, rows = improve(improver, copy.deepcopy(start), toy.tasks("test")[:2], steps=2, episodes=4)
     assert [r["step"] for r in rows] == [0, 1, 2] and isinstance(final, MLPPolicy)
     assert [r["env_steps"] for r in rows] == [160, 320, 480]
-    assert all(0.0 <= r["success"] <= 1.0 for r in rows)
+    # the rows are the loop's own episodes' figures, and the same start and seed give the same loop
+    states = list(improvement_loop(improver, copy.deepcopy(start), toy.tasks("test")[:2], 2, 4))
+    assert [(r["success"], r["mean_return"]) for r in rows] == [
+        (float(s.experience.success.float().mean()), float(s.experience.returns.mean())) for s in states
+    ]
     _, free_rows = improve(improver, MLPPolicy(4, 2), toy.tasks("test")[:2], steps=1, episodes=2, mode="behaviour")
     assert len(free_rows) == 2
 
@@ -383,7 +388,7 @@ def test_a_policy_on_the_meta_device_is_refused(improver, experience):
 
 def test_shipped_usage_is_one_encoder_chunk_so_steps_are_unchanged():
     """Up to 30 episodes of 500 steps (1,500 tokens, memory 3) the chunked encoder is the single-sequence one."""
-    from improver.step_bench import random_experience
+    from improver.bench import random_experience
 
     shipped = Improver.from_pretrained("pretrained/push-v3/improver")
     experience = random_experience(shipped, episodes=30)
@@ -437,7 +442,7 @@ def test_shipped_improvers_carry_their_documented_loop_settings():
 def test_a_shipped_improver_of_the_old_layout_still_infers_the_task_and_acts(tmp_path):
     from safetensors.torch import load_file
 
-    from improver.step_bench import random_experience
+    from improver.bench import random_experience
     from improver.task_inference import BOUND, GoalLocator
 
     path = Path("pretrained/reach-v3/improver")

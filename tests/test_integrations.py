@@ -242,7 +242,7 @@ def test_sb3_callback_can_watch_the_models_own_rollouts(improver, toy):
             buffers.append((buffer.observations[:, 0].copy(), np.clip(buffer.actions[:, 0], -1, 1), buffer.rewards[:, 0].copy()))
 
         def improve_now(self):
-            watched.append(self._watched.trajectory(clear=False))
+            watched.append(self.watched.trajectory(clear=False))
             return super().improve_now()
 
     with pytest.raises(ValueError, match="nothing to watch"):

@@ -76,13 +76,13 @@ def test_a_folder_of_another_kind_is_refused_untouched(tmp_path, contents, found
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
 def test_an_earlier_output_of_the_same_kind_is_replaced(tmp_path, monkeypatch, exchange):
     calls = []
-    real = io._exchange
+    real = io.exchange_folders
 
     def spy(a, b):
         calls.append(real(a, b) if exchange else False)
         return calls[-1]
 
-    monkeypatch.setattr(io, "_exchange", spy)
+    monkeypatch.setattr(io, "exchange_folders", spy)
     (tmp_path / "empty").mkdir()
     write_output(tmp_path / "empty", "first")  # an empty folder takes an output
     write_output(tmp_path / "out", "old")

@@ -55,7 +55,7 @@ def test_the_agent_steps_on_the_harness_episodes_and_evaluates_without_noise(toy
     task, start = toy.tasks("test")[0], MLPPolicy(4, 2)
     agent = ImproverAgent(toy_improver, start, success_reward=-10.0)  # every toy step counts as a success
     seen = adapt(agent, task, steps=2)
-    assert agent.goals == 1 and agent.adapted == 2 and isinstance(agent.policy, BehaviourPolicy)
+    assert agent.tasks == 1 and agent.adapted == 2 and isinstance(agent.policy, BehaviourPolicy)
     experience = agent.history[-1]
     assert experience.observations.shape == (4, HORIZON, 4) and experience.mask.all() and experience.success.all()
     # the episodes of the first step are the ones the agent acted on, with exploration noise
@@ -141,7 +141,7 @@ def shipped():
 
 
 def test_the_agent_runs_through_metaworlds_own_evaluation(shipped):
-    envs = make_evaluation_envs("reach-v3", goals=1, seed=0, max_episode_steps=30)
+    envs = make_evaluation_envs("reach-v3", tasks=1, seed=0, max_episode_steps=30)
     from metaworld.evaluation import metalearning_evaluation  # after make_evaluation_envs chose the GL backend
 
     agent = ImproverAgent(*shipped)
@@ -149,9 +149,10 @@ def test_the_agent_runs_through_metaworlds_own_evaluation(shipped):
         success, mean_return, per_task = metalearning_evaluation(agent, envs, num_evals=1, adaptation_steps=1, adaptation_episodes=1, evaluation_episodes=1)
     finally:
         envs.close()
-    assert agent.goals == 1 and agent.adapted == 1 and isinstance(agent.policy, BehaviourPolicy)  # the shipped improver's mode
+    assert agent.tasks == 1 and agent.adapted == 1 and isinstance(agent.policy, BehaviourPolicy)  # the shipped improver's mode
     assert agent.history[0].observations.shape == (1, 30, 39) and agent.history[0].mask.all()
-    assert 0.0 <= success <= 1.0 and np.isfinite(mean_return) and list(per_task) == ["reach-v3"]
+    assert list(per_task) == ["reach-v3"] and np.isfinite(mean_return)
+    assert success in (0.0, 1.0) and success == per_task["reach-v3"]  # one goal, one evaluation episode: the task's own rate
 
 
 def test_the_command_prints_metaworlds_figures_for_both_agents(tmp_path, capsys):
@@ -160,7 +161,7 @@ def test_the_command_prints_metaworlds_figures_for_both_agents(tmp_path, capsys)
     out = tmp_path / "figures.json"
     main([
         "metaworld-eval", "--improver", str(PRETRAINED / "improver"), "--family", "reach-v3", "--policy", str(PRETRAINED / "lesser" / "00"),
-        "--goals", "1", "--adaptation-steps", "1", "--adaptation-episodes", "1", "--evaluation-episodes", "1", "--max-episode-steps", "30",
+        "--tasks", "1", "--adaptation-steps", "1", "--adaptation-episodes", "1", "--evaluation-episodes", "1", "--max-episode-steps", "30",
         "--mode", "parameters", "--out", str(out),
     ])
     printed = capsys.readouterr().out
@@ -168,13 +169,13 @@ def test_the_command_prints_metaworlds_figures_for_both_agents(tmp_path, capsys)
     result = json.loads(out.read_text())
     assert [row["agent"] for row in result["rows"]] == ["improver", "no adaptation"]
     assert result["settings"]["mode"] == "parameters" and result["goals"] == 1
-    assert all(0.0 <= row["success"] <= 1.0 and np.isfinite(row["mean_return"]) for row in result["rows"])
+    assert all(row["success"] in (0.0, 1.0) and np.isfinite(row["mean_return"]) for row in result["rows"])  # one goal, one episode
 
 
 def test_evaluation_envs_refuse_bad_requests():
     with pytest.raises(ValueError, match="unknown Meta-World task"):
-        make_evaluation_envs("reach-v9", goals=1)
-    with pytest.raises(ValueError, match="goals must be at least 1"):
-        make_evaluation_envs("reach-v3", goals=0)
-    with pytest.raises(ValueError, match="test goals"):
-        make_evaluation_envs("reach-v3", goals=51)
+        make_evaluation_envs("reach-v9", tasks=1)
+    with pytest.raises(ValueError, match="tasks must be at least 1"):
+        make_evaluation_envs("reach-v3", tasks=0)
+    with pytest.raises(ValueError, match="test tasks"):
+        make_evaluation_envs("reach-v3", tasks=51)

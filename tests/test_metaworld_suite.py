@@ -52,7 +52,7 @@ def test_goal_hidden_yet_expert_succeeds(push):
     traj = rollout(push.expert, push.tasks("test")[:2], 1, stop_on_success=True, progress=False)
     assert traj.success.all(), traj.lengths
     assert torch.count_nonzero(traj.observations[..., GOAL_SLICE]) == 0
-    goals = np.array([info.goal for info in traj.tasks])
+    goals = np.array([info.parameters for info in traj.tasks])
     assert np.abs(goals).sum() > 0 and not np.allclose(goals[0], goals[1])
     assert {info.reward_function_version for info in traj.tasks} == {"v2"}
 
@@ -62,7 +62,7 @@ def test_reach_expert_aims_the_fingertips_not_the_hand():
     traj = rollout(reach.expert, reach.tasks("test")[:2], 1, max_steps=150, progress=False)
     assert traj.success.all()
     # Success is measured at the fingertips' centre, 4.5 cm below the observed hand position.
-    hand_above_goal = traj.observations[:, -1, :3] - torch.tensor(np.array([info.goal for info in traj.tasks]), dtype=torch.float32)
+    hand_above_goal = traj.observations[:, -1, :3] - torch.tensor(np.array([info.parameters for info in traj.tasks]), dtype=torch.float32)
     assert torch.allclose(hand_above_goal, torch.tensor([0.0, 0.0, 0.045]).expand(2, 3), atol=0.01), hand_above_goal
 
 

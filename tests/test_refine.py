@@ -111,7 +111,7 @@ def test_a_reward_free_improver_is_refined_on_its_ranking_rewards(toy_dataset, l
 
 
 def test_refinement_collects_under_the_wide_task_exploration_rule(toy_dataset, locating, tmp_path):
-    from improver.refine import _read_steps, collect_loop_episodes
+    from improver.refine import read_loop_episodes, collect_loop_episodes
 
     data = ImprovementDataset(toy_dataset)
     narrow = RefineConfig(loop_steps=1, episodes=2, max_success=0.0)
@@ -121,7 +121,7 @@ def test_refinement_collects_under_the_wide_task_exploration_rule(toy_dataset, l
     files = sorted(p.name for p in (tmp_path / "narrow").iterdir())
     assert files
     for name in files:
-        (start, step1), (start_wide, step1_wide) = _read_steps(tmp_path / "narrow" / name), _read_steps(tmp_path / "wide" / name)
+        (start, step1), (start_wide, step1_wide) = read_loop_episodes(tmp_path / "narrow" / name), read_loop_episodes(tmp_path / "wide" / name)
         assert not start.success.any()  # step 1 follows a failed step: it aims with the wide noise
         torch.testing.assert_close(start.observations, start_wide.observations)
         assert not torch.allclose(step1.actions, step1_wide.actions)
@@ -130,7 +130,7 @@ def test_refinement_collects_under_the_wide_task_exploration_rule(toy_dataset, l
 def test_fitting_the_head_moves_only_the_head_toward_the_experts_actions_on_the_loops_states(toy, toy_dataset, locating, tmp_path):
     import h5py
 
-    from improver.refine import _read_steps
+    from improver.refine import read_loop_episodes
     from improver.tasks.rollout import relabel
 
     data = ImprovementDataset(toy_dataset)
@@ -142,9 +142,9 @@ def test_fitting_the_head_moves_only_the_head_toward_the_experts_actions_on_the_
     files = sorted((tmp_path / "episodes").iterdir())
     with h5py.File(files[0], "r") as f:
         assert "context" not in f["0"] and f["1"]["context"].shape == (refined.net.context_dim,)
-        experience = _read_steps(files[0])[1]
+        experience = read_loop_episodes(files[0])[1]
         torch.testing.assert_close(torch.from_numpy(f["1"]["expert_actions"][()]), relabel(toy.expert, experience))
-    assert scores["head_states"] == sum(int(_read_steps(p)[1].mask.sum()) for p in files)
+    assert scores["head_states"] == sum(int(read_loop_episodes(p)[1].mask.sum()) for p in files)
 
     # Episodes collected before the expert's actions were stored cannot train the head.
     with h5py.File(files[0], "a") as f:
@@ -171,7 +171,7 @@ def test_the_aim_offset_moves_the_inferred_task_and_is_saved(toy, locating, tmp_
 
 def test_the_aim_is_calibrated_on_the_training_tasks_returns(toy, toy_dataset, locating, tmp_path):
     from improver.operator import BehaviourPolicy
-    from improver.refine import calibrate_aim, collect_loop_episodes, _read_steps
+    from improver.refine import calibrate_aim, collect_loop_episodes, read_loop_episodes
     from improver.tasks import rollout
 
     improver = copy_of(locating)
@@ -187,7 +187,7 @@ def test_the_aim_is_calibrated_on_the_training_tasks_returns(toy, toy_dataset, l
     for path in files:
         with h5py.File(path, "r") as f:
             z = torch.from_numpy(f["1"]["context"][()])
-        info = _read_steps(path)[1].tasks[0]
+        info = read_loop_episodes(path)[1].tasks[0]
         chosen = torch.tensor(offset) - torch.tensor([0.05, 0.0])
         policy = BehaviourPolicy(improver.net, improver.net.shifted(z, chosen))
         total += float(rollout(policy, toy.tasks(info.split)[info.index], 1, seed=0, progress=False).returns.mean())

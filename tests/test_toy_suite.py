@@ -36,7 +36,7 @@ def toy_goal(task):
 def test_expert_succeeds_without_seeing_the_goal(toy):
     traj = rollout(toy.expert, toy.tasks("test"), 2, progress=False)
     assert traj.success.all()
-    goals = torch.tensor([info.goal for info in traj.tasks])
+    goals = torch.tensor([info.parameters for info in traj.tasks])
     # The learner's observation is position and velocity only: the goal appears nowhere.
     assert traj.observations.shape[-1] == 4
     assert not torch.isclose(traj.observations[:, 0, :2], goals, atol=1e-3).all(dim=1).any()

@@ -133,7 +133,9 @@ def test_unknown_suite_error_says_how_to_register(clean_registry, monkeypatch):
 
 @pytest.fixture(scope="module")
 def reacher():
-    registry._import_plugin(str(REACHER))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(registry.PLUGINS_VARIABLE, str(REACHER))
+        registry.load_plugins(force=True)
     return make_suite("reacher")
 
 

@@ -2,6 +2,7 @@
 
 - :mod:`~improver.baselines.ppo`: stable-baselines3 PPO fine-tuning the starting policy.
 - :mod:`~improver.baselines.maml`: MAML-style gradient adaptation (Meta-SGD step sizes, ``higher``).
+- :mod:`~improver.baselines.l2l`: learn2learn's MAML and Meta-SGD on the same data, losses and loops.
 - :mod:`~improver.baselines.bc`: filtered behaviour cloning / reward-weighted regression on the
   policy's own best episodes (not learned).
 

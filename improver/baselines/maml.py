@@ -12,6 +12,9 @@ drops the second derivatives) with ``higher``'s functional copy of the policy. T
 the adapted policy's squared error to the expert's actions on the states the lesser policy
 visited: the same supervision the improver is meta-trained with, from the same dataset
 (``improver generate --split train``).
+
+The inner data (:func:`collect_inner_data`), the outer loop (:func:`meta_train_loop`), its report
+and :func:`maml_steps` serve the learn2learn baselines of :mod:`improver.baselines.l2l` as well.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Self
 
 import higher
 import torch
@@ -39,25 +42,24 @@ from . import Checkpoint
 from .bc import collect_exploring, episode_weights, weighted_regression_loss
 
 
-class MetaSGD(nn.Module):
-    """The meta-learned update: per-weight step sizes and the inner loss's temperature.
+class MetaUpdate(nn.Module):
+    """A meta-learned update of a policy architecture, saved as ``config.json`` + ``model.safetensors``.
+
+    Subclasses set ``self.config`` (with the keyword arguments of their ``__init__`` after
+    ``policy``, ``noise`` and ``inner_steps`` among them, plus ``"shapes"``) and implement
+    :meth:`adapted_weights`; this class checks, applies, saves and loads them.
 
     Args:
         policy: A policy of the architecture the update is for (its parameter shapes are used).
-        inner_steps: Gradient steps per adaptation.
-        lr: Initial step size of every weight.
-        temperature: Initial temperature of the reward-weighted regression.
-        noise: Exploration noise of the episodes the update learns from (a fixed setting).
     """
 
-    def __init__(self, policy: nn.Module, inner_steps: int = 5, lr: float = 0.1, temperature: float = 1.0, noise: float = 0.3) -> None:
+    kind = "MAML update"
+    """What a saved update is called in messages and in its folder's kind."""
+
+    def __init__(self, policy: nn.Module) -> None:
         super().__init__()
-        if inner_steps < 1 or lr <= 0 or temperature <= 0 or noise <= 0:
-            raise ValueError(f"inner_steps, lr, temperature and noise must be positive; got {inner_steps}, {lr}, {temperature}, {noise}")
         self.shapes = [tuple(p.shape) for p in policy.parameters()]
-        self.log_lrs = nn.ParameterList([nn.Parameter(torch.full(s, math.log(lr))) for s in self.shapes])
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
-        self.config = {"inner_steps": inner_steps, "lr": lr, "temperature": temperature, "noise": noise, "shapes": [list(s) for s in self.shapes]}
+        self.config: dict[str, Any] = {}
 
     @property
     def inner_steps(self) -> int:
@@ -73,7 +75,67 @@ class MetaSGD(nn.Module):
         """Raise ``ValueError`` unless ``policy`` has the parameter shapes this update was learned for."""
         shapes = [tuple(p.shape) for p in policy.parameters()]
         if shapes != self.shapes:
-            raise ValueError(f"this MAML update was meta-trained for parameter shapes {self.shapes}; the policy has {shapes}")
+            raise ValueError(f"this {self.kind} was meta-trained for parameter shapes {self.shapes}; the policy has {shapes}")
+
+    def adapted_weights(self, policy: nn.Module, experience: Trajectory) -> list[torch.Tensor]:
+        """``policy``'s weights (in ``parameters()`` order) after adapting on ``experience``, without the meta-gradient's graph."""
+        raise NotImplementedError
+
+    def adapt(self, policy: nn.Module, experience: Trajectory) -> nn.Module:
+        """A copy of ``policy`` adapted on ``experience`` (its exploring episodes); ``policy`` is not modified."""
+        self.check(policy)
+        with torch.enable_grad():  # the benchmark may call this under no_grad; the inner steps need gradients
+            params = self.adapted_weights(policy, experience)
+        adapted = copy.deepcopy(policy)
+        with torch.no_grad():
+            for target, value in zip(adapted.parameters(), params):
+                target.copy_(value.detach())
+        return adapted.eval()
+
+    def save_pretrained(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` to the folder ``path``, atomically."""
+        with atomic_path(path, FolderKind(self.kind, {"config", "metadata"})) as tmp:
+            tmp.mkdir()
+            write_weights(self.state_dict(), tmp / "model.safetensors")
+            (tmp / "config.json").write_text(json.dumps({"config": self.config, "metadata": metadata or {}}, indent=2))
+        return Path(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> Self:
+        """Read an update written by :meth:`save_pretrained`."""
+        path = Path(path)
+        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{path} is not a saved {cls.kind}: it needs config.json and model.safetensors")
+        saved = read_json_object(path / "config.json")
+        check_keys(saved, path / "config.json", ("config", "metadata"))
+        try:
+            config = dict(saved["config"])
+            template = nn.ParameterList([nn.Parameter(torch.zeros(s)) for s in config.pop("shapes")])
+            update = cls(template, **config)
+        except (TypeError, ValueError, KeyError, RuntimeError) as err:
+            raise ValueError(f"{path / 'config.json'} describes no valid {cls.kind}: {err!r}") from err
+        load_weights(update, path / "model.safetensors")
+        return update
+
+
+class MetaSGD(MetaUpdate):
+    """The meta-learned update: per-weight step sizes and the inner loss's temperature.
+
+    Args:
+        policy: A policy of the architecture the update is for (its parameter shapes are used).
+        inner_steps: Gradient steps per adaptation.
+        lr: Initial step size of every weight.
+        temperature: Initial temperature of the reward-weighted regression.
+        noise: Exploration noise of the episodes the update learns from (a fixed setting).
+    """
+
+    def __init__(self, policy: nn.Module, inner_steps: int = 5, lr: float = 0.1, temperature: float = 1.0, noise: float = 0.3) -> None:
+        super().__init__(policy)
+        if inner_steps < 1 or lr <= 0 or temperature <= 0 or noise <= 0:
+            raise ValueError(f"inner_steps, lr, temperature and noise must be positive; got {inner_steps}, {lr}, {temperature}, {noise}")
+        self.log_lrs = nn.ParameterList([nn.Parameter(torch.full(s, math.log(lr))) for s in self.shapes])
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        self.config = {"inner_steps": inner_steps, "lr": lr, "temperature": temperature, "noise": noise, "shapes": [list(s) for s in self.shapes]}
 
     def adapted_parameters(
         self, fmodel: Any, start: Sequence[torch.Tensor], experience: Trajectory, first_order: bool = False
@@ -95,47 +157,107 @@ class MetaSGD(nn.Module):
             params = [p - lr.exp() * g * scale for p, lr, g in zip(params, self.log_lrs, grads)]
         return params
 
-    def adapt(self, policy: nn.Module, experience: Trajectory) -> nn.Module:
-        """A copy of ``policy`` adapted on ``experience`` (its exploring episodes); ``policy`` is not modified."""
-        self.check(policy)
-        with torch.enable_grad():
-            fmodel = higher.monkeypatch(policy, copy_initial_weights=True, track_higher_grads=False)
-            params = self.adapted_parameters(fmodel, list(fmodel.parameters()), experience, first_order=True)
-        adapted = copy.deepcopy(policy)
-        with torch.no_grad():
-            for target, value in zip(adapted.parameters(), params):
-                target.copy_(value.detach())
-        return adapted.eval()
-
-    def save_pretrained(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` to the folder ``path``, atomically."""
-        with atomic_path(path, FolderKind("MAML update", {"config", "metadata"})) as tmp:
-            tmp.mkdir()
-            write_weights(self.state_dict(), tmp / "model.safetensors")
-            (tmp / "config.json").write_text(json.dumps({"config": self.config, "metadata": metadata or {}}, indent=2))
-        return Path(path)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> MetaSGD:
-        """Read an update written by :meth:`save_pretrained`."""
-        path = Path(path)
-        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{path} is not a saved MAML update: it needs config.json and model.safetensors")
-        saved = read_json_object(path / "config.json")
-        check_keys(saved, path / "config.json", ("config", "metadata"))
-        try:
-            config = saved["config"]
-            template = nn.ParameterList([nn.Parameter(torch.zeros(s)) for s in config["shapes"]])
-            update = cls(template, config["inner_steps"], config["lr"], config["temperature"], config["noise"])
-        except (TypeError, ValueError, KeyError, RuntimeError) as err:
-            raise ValueError(f"{path / 'config.json'} describes no valid MAML update: {err!r}") from err
-        load_weights(update, path / "model.safetensors")
-        return update
+    def adapted_weights(self, policy: nn.Module, experience: Trajectory) -> list[torch.Tensor]:
+        """See :meth:`MetaUpdate.adapted_weights` (first order, through a ``higher`` functional copy)."""
+        fmodel = higher.monkeypatch(policy, copy_initial_weights=True, track_higher_grads=False)
+        return self.adapted_parameters(fmodel, list(fmodel.parameters()), experience, first_order=True)
 
 
 def _task_of(trajectory: Trajectory) -> Task:
     info = trajectory.tasks[0]
     return make_suite(info.suite, info.suite_seed).tasks(info.split)[info.index]
+
+
+class InnerData(NamedTuple):
+    """One meta-training example: a lesser policy, what it adapts on, and what it is judged on.
+
+    Attributes:
+        policy: The lesser policy (the starting weights of the adaptation).
+        experience: Its ``episodes`` exploring episodes on its own task (the inner loss's data).
+        states: The states it visited, ``[N, obs_dim]``.
+        targets: The expert's actions on ``states``, ``[N, act_dim]`` (the outer loss's targets).
+    """
+
+    policy: nn.Module
+    experience: Trajectory
+    states: torch.Tensor
+    targets: torch.Tensor
+
+
+def collect_inner_data(dataset: Any, examples: int, episodes: int, noise: float, seed: int, progress: bool = True) -> list[InnerData]:
+    """The meta-training data of the MAML baselines: ``examples`` examples spread evenly over ``dataset``.
+
+    Each example's lesser policy runs ``episodes`` exploring episodes (noise ``noise``, seeded by
+    ``seed`` plus the example's position) on its own task, once.
+
+    Raises:
+        ValueError: ``dataset`` is empty.
+    """
+    if len(dataset) == 0:
+        raise ValueError("the MAML baseline needs a non-empty train dataset")
+    chosen = sorted({round(i * (len(dataset) - 1) / max(1, examples - 1)) for i in range(min(examples, len(dataset)))})
+    items = []
+    for n, i in enumerate(tqdm(chosen, desc="MAML inner data", unit="example", disable=not progress)):
+        example = dataset.example(i)
+        experience = collect_exploring(example.policy, [_task_of(example.lesser)] * episodes, noise, seed=seed + n)
+        mask = example.lesser.mask
+        items.append(InnerData(example.policy, experience, example.lesser.observations[mask], example.target_actions[mask]))
+    return items
+
+
+def meta_train_loop(
+    update: nn.Module,
+    outer_loss: Callable[[int], torch.Tensor],
+    examples: int,
+    iterations: int,
+    batch_size: int,
+    outer_lr: float,
+    seed: int,
+    progress: bool = True,
+) -> list[float]:
+    """Adam on ``update``'s parameters: per iteration, the mean of ``outer_loss(j)`` over a random batch of example indices.
+
+    Each example's loss is backpropagated on its own (the graphs through the inner steps are not
+    all held at once).
+
+    Returns:
+        The batch's outer loss at every iteration, ``iterations`` floats.
+    """
+    optimizer = torch.optim.Adam(update.parameters(), lr=outer_lr)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(iterations), desc="MAML meta-train", unit="it", disable=not progress):
+        batch = torch.randperm(examples, generator=generator)[:batch_size].tolist()
+        optimizer.zero_grad()
+        total = 0.0
+        for j in batch:
+            loss = outer_loss(j) / len(batch)
+            loss.backward()
+            total += float(loss.detach())
+        optimizer.step()
+        losses.append(total)
+    return losses
+
+
+def meta_train_report(
+    items: Sequence[InnerData], losses: Sequence[float], episodes: int, outer_lr: float, inner_steps: int, first_order: bool, start: float
+) -> dict[str, Any]:
+    """What meta-training measured: env steps collected, outer losses (unadapted, first, last ten), wall time since ``start``."""
+    with torch.no_grad():
+        unadapted = sum(float(nn.functional.mse_loss(i.policy(i.states), i.targets)) for i in items) / len(items)
+    return {
+        "examples": len(items),
+        "episodes_per_example": episodes,
+        "env_steps": sum(int(i.experience.lengths.sum()) for i in items),
+        "iterations": len(losses),
+        "outer_lr": outer_lr,
+        "inner_steps": inner_steps,
+        "second_order": not first_order,
+        "outer_loss_unadapted": unadapted,
+        "outer_loss_first": losses[0],
+        "outer_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+        "wall_s": time.perf_counter() - start,
+    }
 
 
 def meta_train_maml(
@@ -161,56 +283,24 @@ def meta_train_maml(
         The update and a report: env steps collected, wall time, first and last outer losses,
         the loss of the unadapted policies, and whether second derivatives were used.
     """
-    if len(dataset) == 0:
-        raise ValueError("the MAML baseline needs a non-empty train dataset")
     start = time.perf_counter()
-    chosen = sorted({round(i * (len(dataset) - 1) / max(1, examples - 1)) for i in range(min(examples, len(dataset)))})
-    items = []
-    for n, i in enumerate(tqdm(chosen, desc="MAML inner data", unit="example", disable=not progress)):
-        example = dataset.example(i)
-        task = _task_of(example.lesser)
-        experience = collect_exploring(example.policy, [task] * episodes, noise, seed=seed + n)
-        mask = example.lesser.mask
-        # One functional copy per example, reused every iteration (patching a module is not free).
-        fmodel = higher.monkeypatch(example.policy, copy_initial_weights=True)
-        items.append((example.policy, (fmodel, list(fmodel.parameters())), experience, example.lesser.observations[mask], example.target_actions[mask]))
-    update = MetaSGD(items[0][0], inner_steps, noise=noise)
-    for policy, *_ in items:
-        update.check(policy)
-    optimizer = torch.optim.Adam(update.parameters(), lr=outer_lr)
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in tqdm(range(iterations), desc="MAML meta-train", unit="it", disable=not progress):
-        batch = torch.randperm(len(items), generator=generator)[:batch_size].tolist()
-        optimizer.zero_grad()
-        total = 0.0
-        for j in batch:
-            _, (fmodel, initial), experience, states, targets = items[j]
-            params = update.adapted_parameters(fmodel, initial, experience, first_order)
-            loss = nn.functional.mse_loss(fmodel(states, params=params), targets) / len(batch)
-            loss.backward()
-            total += float(loss.detach())
-        optimizer.step()
-        losses.append(total)
-    with torch.no_grad():
-        unadapted = sum(float(nn.functional.mse_loss(p(s), t)) for p, _, _, s, t in items) / len(items)
-    report = {
-        "examples": len(items),
-        "episodes_per_example": episodes,
-        "env_steps": sum(int(e.lengths.sum()) for _, _, e, _, _ in items),
-        "iterations": iterations,
-        "outer_lr": outer_lr,
-        "inner_steps": inner_steps,
-        "second_order": not first_order,
-        "outer_loss_unadapted": unadapted,
-        "outer_loss_first": losses[0],
-        "outer_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-        "wall_s": time.perf_counter() - start,
-    }
-    return update, report
+    items = collect_inner_data(dataset, examples, episodes, noise, seed, progress)
+    update = MetaSGD(items[0].policy, inner_steps, noise=noise)
+    for item in items:
+        update.check(item.policy)
+    # One functional copy per example, reused every iteration (patching a module is not free).
+    fmodels = [higher.monkeypatch(item.policy, copy_initial_weights=True) for item in items]
+    initials = [list(f.parameters()) for f in fmodels]
+
+    def outer_loss(j: int) -> torch.Tensor:
+        params = update.adapted_parameters(fmodels[j], initials[j], items[j].experience, first_order)
+        return nn.functional.mse_loss(fmodels[j](items[j].states, params=params), items[j].targets)
+
+    losses = meta_train_loop(update, outer_loss, len(items), iterations, batch_size, outer_lr, seed, progress)
+    return update, meta_train_report(items, losses, episodes, outer_lr, inner_steps, first_order, start)
 
 
-def maml_steps(update: MetaSGD, policy: nn.Module, tasks: Sequence[Task], steps: int, seed: int = 0) -> Iterator[Checkpoint]:
+def maml_steps(update: MetaUpdate, policy: nn.Module, tasks: Sequence[Task], steps: int, seed: int = 0) -> Iterator[Checkpoint]:
     """Adapt ``policy`` with ``update`` once per step, each time on one exploring episode per entry of ``tasks``.
 
     Yields the starting policy and then the policy after each of ``steps`` steps.

@@ -1,7 +1,7 @@
 """Any Gymnasium environment as an improver :class:`~improver.tasks.Task`.
 
 A task's environment follows the rollout contract (the reset info carries the task parameters
-under ``"goal"``, each step's info ``"success"``); :class:`ContractWrapper` adds both to an
+under ``"task_parameters"``, each step's info ``"success"``); :class:`ContractWrapper` adds both to an
 environment that lacks them, so ``improve(improver, policy, lambda: gym.make("Pendulum-v1"))`` works.
 """
 
@@ -19,7 +19,7 @@ SuccessFn = Callable[[np.ndarray, float, dict[str, Any]], bool]
 
 
 class ContractWrapper(gym.Wrapper):
-    """Adds the task parameters to the reset info (the contract's ``"goal"`` key) and ``info["success"]`` at every step.
+    """Adds the task parameters to the reset info (the contract's ``"task_parameters"`` key) and ``info["success"]`` at every step.
 
     Args:
         env: A Gymnasium environment with a flat ``Box`` observation and action space.
@@ -42,7 +42,8 @@ class ContractWrapper(gym.Wrapper):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         obs, info = self.env.reset(seed=seed, options=options)
-        return obs, {**info, "goal": np.asarray(info.get("goal", self.task_parameters), np.float32).reshape(-1)}
+        parameters = info.get("task_parameters", self.task_parameters)
+        return obs, {**info, "task_parameters": np.asarray(parameters, np.float32).reshape(-1)}
 
     def step(self, action: np.ndarray):
         obs, reward, terminated, truncated, info = self.env.step(action)

@@ -1,6 +1,6 @@
 """Meta-World's own meta-learning evaluation of an improver: ``metaworld.evaluation.metalearning_evaluation``.
 
-:class:`ImproverAgent` follows that harness's ``MetaLearningAgent`` protocol: for each goal it starts
+:class:`ImproverAgent` follows that harness's ``MetaLearningAgent`` protocol: for each task it starts
 from a given policy, collects the harness's adaptation episodes with the improver's exploration noise,
 calls ``Improver.step`` after each adaptation step (:meth:`ImproverAgent.adapt`), and is evaluated on
 the improved policy without noise. :class:`NoAdaptationAgent` is the baseline: the starting policy
@@ -9,18 +9,18 @@ unchanged. :func:`evaluate_in_metaworld` runs both and returns Meta-World's figu
 
 What the harness does (metaworld 3.1.1, read from ``metaworld/evaluation.py`` and checked):
 
-- For each of ``num_evals`` rounds it calls ``sample_tasks`` on every sub-env (the next goal), the
+- For each of ``num_evals`` rounds it calls ``sample_tasks`` on every sub-env (the next task), the
   agent's ``init()``, then ``adaptation_steps`` times: reset, ``adaptation_episodes`` episodes per
   sub-env through ``adapt_action``/``step``, and ``adapt()``; then evaluates with ``eval_action``.
 - Evaluation counts episodes per task *name*, and all sub-envs of ML1 share one name, so with several
   sub-envs the quickest ones fill the count for all. Run one sub-env at a time:
-  ``gym.make_vec("Meta-World/ML1-test", env_name=family, meta_batch_size=1, total_tasks_per_cls=goals,
-  seed=seed)`` and ``num_evals=goals``. Its tasks are cycled in a shuffled order, each once per cycle,
-  so every goal is evaluated once.
-- ``meta_batch_size`` must divide the goals among the sub-envs: the default 20 fails on the 50
-  goals of ML1 (an ``AssertionError``, "Invalid division of subtasks").
-- The goals are ``metaworld.ML1(family, seed).test_tasks``, the ``test`` split of the package's
-  suite ``ML1:<family>`` with suite seed ``seed``; ``seed=None`` draws new goals each run.
+  ``gym.make_vec("Meta-World/ML1-test", env_name=family, meta_batch_size=1, total_tasks_per_cls=tasks,
+  seed=seed)`` and ``num_evals=tasks``. Its tasks are cycled in a shuffled order, each once per cycle,
+  so every task is evaluated once.
+- ``meta_batch_size`` must divide the tasks among the sub-envs: the default 20 fails on the 50
+  tasks of ML1 (an ``AssertionError``, "Invalid division of subtasks").
+- The tasks are ``metaworld.ML1(family, seed).test_tasks``, the ``test`` split of the package's
+  suite ``ML1:<family>`` with suite seed ``seed``; ``seed=None`` draws new tasks each run.
 - Its ``Timestep`` carries no ``info``, so no success flag reaches the agent: the agent derives it
   from the reward (``success_reward``, see :class:`ImproverAgent`).
 - Adaptation episodes run to the time limit (Meta-World's 500 steps, or ``max_episode_steps``);
@@ -73,7 +73,7 @@ class NoAdaptationAgent:
         self.policy = policy
 
     def init(self) -> None:
-        """A new goal: nothing to forget."""
+        """A new task: nothing to forget."""
 
     def reset(self, env_mask: np.ndarray) -> None:
         """Episodes of the sub-envs in ``env_mask`` ``[N]`` start: the policy keeps no state."""
@@ -96,9 +96,9 @@ class NoAdaptationAgent:
 class ImproverAgent:
     """Meta-World's ``MetaLearningAgent`` for an improver and a starting policy.
 
-    Per goal (``init``) it starts from ``policy``. Adaptation step ``k`` collects the harness's episodes
+    Per task (``init``) it starts from ``policy``. Adaptation step ``k`` collects the harness's episodes
     as step ``k`` of :func:`improver.loop.improvement_loop` (seed ``s``: this agent's seed mixed with
-    the goal's number) would: with ``ExplorationNoise(exploration, s + k)``, and in behaviour mode the
+    the task's number) would: with ``ExplorationNoise(exploration, s + k)``, and in behaviour mode the
     per-episode task exploration (:class:`~improver.loop.TaskSampling`), each episode's noise seeded by
     its number in the step. ``adapt()`` turns them into a :class:`Trajectory` with a
     :class:`~improver.transitions.TrajectoryBuilder` and steps the policy on the episodes of the last
@@ -112,7 +112,7 @@ class ImproverAgent:
     Args:
         improver: A trained improver for the family's observation and action sizes.
         policy: The starting policy (an ``nn.Module`` for parameters mode); never modified. One that needs
-            its task (``for_task``, a scripted expert) cannot be used: the harness does not tell the goal.
+            its task (``for_task``, a scripted expert) cannot be used: the harness does not say which task it is.
         mode, exploration, task_exploration, wide_task_exploration, memory: The loop settings; each
             left ``None`` is the improver's (``improver.loop_settings``, see ``LoopSettings.overridden``).
         success_reward: A step whose reward is at least this is a success.
@@ -120,10 +120,10 @@ class ImproverAgent:
 
     Attributes:
         settings: The loop settings in use (:class:`~improver.loop_settings.LoopSettings`).
-        policy: The current goal's policy: the starting one until the first ``adapt``.
-        history: The experience of the current goal's last ``memory`` adaptation steps.
-        adapted: Adaptation steps done on the current goal.
-        goals: Goals begun (``init`` calls).
+        policy: The current task's policy: the starting one until the first ``adapt``.
+        history: The experience of the current task's last ``memory`` adaptation steps.
+        adapted: Adaptation steps done on the current task.
+        tasks: Tasks begun (``init`` calls).
 
     Raises:
         ValueError: a setting is invalid (see :class:`LoopSettings`), or task exploration is asked of
@@ -147,10 +147,10 @@ class ImproverAgent:
         if not np.isfinite(success_reward):
             raise ValueError(f"success_reward must be a finite number; got {success_reward!r}")
         self.improver, self.start, self.success_reward, self.seed = improver, policy, float(success_reward), seed
-        self.goals = 0  # goals begun (init calls)
-        self._begin_goal()
+        self.tasks = 0  # tasks begun (init calls)
+        self._begin_task()
 
-    def _begin_goal(self) -> None:
+    def _begin_task(self) -> None:
         self.policy: Policy = self.start
         self.history, self.failed, self.adapted = [], True, 0
         self._begin_step()
@@ -165,13 +165,13 @@ class ImproverAgent:
 
     @property
     def step_seed(self) -> int:
-        """Seed of the current adaptation step's noise: ``s + k`` for goal seed ``s`` and step ``k``."""
-        return derive_seed(self.seed, self.goals) + self.adapted
+        """Seed of the current adaptation step's noise: ``s + k`` for task seed ``s`` and step ``k``."""
+        return derive_seed(self.seed, self.tasks) + self.adapted
 
     def init(self) -> None:
-        """A new goal: start again from the starting policy."""
-        self.goals += 1
-        self._begin_goal()
+        """A new task: start again from the starting policy."""
+        self.tasks += 1
+        self._begin_task()
 
     def reset(self, env_mask: np.ndarray) -> None:
         """Evaluation episodes of the sub-envs in ``env_mask`` ``[N]`` start: the policy keeps no state."""
@@ -188,7 +188,7 @@ class ImproverAgent:
     def _actor(self, env: int) -> Policy:
         """Sub-env ``env``'s policy for its running episode, bound (noise, task offset) when the episode begins."""
         if env not in self._actors:
-            info = unknown_task(self.goals, episode_seed=self._episodes)
+            info = unknown_task(self.tasks, episode_seed=self._episodes)
             self._episodes += 1
             self._builder.set_task(info, env)
             sigma = (self.settings.task_exploration, self.settings.wide_task_exploration or self.settings.task_exploration)[self.failed]
@@ -219,18 +219,18 @@ class ImproverAgent:
         self._begin_step()
 
 
-def make_evaluation_envs(family: str, goals: int, seed: int | None = 0, max_episode_steps: int | None = None) -> Any:
-    """Meta-World's vector env of ``goals`` held-out goals of ``family`` in one sub-env, as
-    ``metalearning_evaluation`` needs it (run it with ``num_evals=goals``; see the module's notes).
+def make_evaluation_envs(family: str, tasks: int, seed: int | None = 0, max_episode_steps: int | None = None) -> Any:
+    """Meta-World's vector env of ``tasks`` held-out tasks of ``family`` in one sub-env, as
+    ``metalearning_evaluation`` needs it (run it with ``num_evals=tasks``; see the module's notes).
 
     Args:
         family: A Meta-World v3 task, e.g. ``"reach-v3"``.
-        goals: The first this many of the family's test goals.
-        seed: Seed of the goals (``metaworld.ML1(family, seed)``) and the env; ``None``: new goals each time.
+        tasks: The first this many of the family's test tasks.
+        seed: Seed of the tasks (``metaworld.ML1(family, seed)``) and the env; ``None``: new tasks each time.
         max_episode_steps: Episode length (default: Meta-World's 500).
 
     Raises:
-        ValueError: unknown family, or ``goals`` not between 1 and the number of test goals.
+        ValueError: unknown family, or ``tasks`` not between 1 and the number of test tasks.
     """
     from improver.tasks.rendering import configure_gl_backend
 
@@ -240,16 +240,16 @@ def make_evaluation_envs(family: str, goals: int, seed: int | None = 0, max_epis
 
     if family not in metaworld.env_dict.ALL_V3_ENVIRONMENTS:
         raise ValueError(f"unknown Meta-World task {family!r}; choose one of {', '.join(metaworld.env_dict.ALL_V3_ENVIRONMENTS)}")
-    if isinstance(goals, bool) or not isinstance(goals, int) or goals < 1:
-        raise ValueError(f"goals must be at least 1; got {goals!r}")
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+        raise ValueError(f"tasks must be at least 1; got {tasks!r}")
     if max_episode_steps is not None and max_episode_steps < 1:
         raise ValueError(f"max_episode_steps must be at least 1; got {max_episode_steps}")
     limit = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-    envs = gym.make_vec("Meta-World/ML1-test", env_name=family, meta_batch_size=1, total_tasks_per_cls=goals, seed=seed, **limit)
+    envs = gym.make_vec("Meta-World/ML1-test", env_name=family, meta_batch_size=1, total_tasks_per_cls=tasks, seed=seed, **limit)
     available = len(envs.get_attr("tasks")[0])
-    if available < goals:
+    if available < tasks:
         envs.close()
-        raise ValueError(f"{family} has {available} test goals; goals={goals} asks for more")
+        raise ValueError(f"{family} has {available} test tasks; tasks={tasks} asks for more")
     return envs
 
 
@@ -257,7 +257,7 @@ def evaluate_in_metaworld(
     improver: str | Path | Improver,
     policy: str | Path | nn.Module = "fresh",
     family: str = "reach-v3",
-    goals: int = 10,
+    tasks: int = 10,
     adaptation_steps: int = 3,
     adaptation_episodes: int = 10,
     evaluation_episodes: int = 3,
@@ -273,10 +273,10 @@ def evaluate_in_metaworld(
 ) -> dict[str, Any]:
     """Meta-World's ``metalearning_evaluation`` of :class:`ImproverAgent` and of :class:`NoAdaptationAgent`.
 
-    Both run on the first ``goals`` test goals of ``ML1`` ``family`` (seed ``seed``: the ``test`` split of
-    the package's suite ``ML1:<family>`` with that suite seed), one goal per round, in a fresh env each.
+    Both run on the first ``tasks`` test tasks of ``ML1`` ``family`` (seed ``seed``: the ``test`` split of
+    the package's suite ``ML1:<family>`` with that suite seed), one task per round, in a fresh env each.
     The baseline runs with ``adaptation_steps=0``: it would ignore its adaptation episodes, and Meta-World
-    resets an ML1 goal to the same state, so its figures are those it would get with them, in a
+    resets an ML1 task to the same state, so its figures are those it would get with them, in a
     fraction of the time.
 
     Args:
@@ -284,16 +284,16 @@ def evaluate_in_metaworld(
         policy: The starting policy: a saved policy's folder (``save_policy``), a module, or ``"fresh"``
             (an untrained ``MLPPolicy`` seeded by ``seed``).
         family: A Meta-World v3 task, e.g. ``"reach-v3"``.
-        goals: Held-out goals, each one round (``num_evals``).
+        tasks: Held-out tasks, each one round (``num_evals``).
         adaptation_steps, adaptation_episodes, evaluation_episodes: As in ``metalearning_evaluation``.
         mode, exploration, task_exploration, wide_task_exploration, memory: Loop settings of the
             improver agent; each left ``None`` is the improver's own.
         success_reward: Reward of a successful step (see :class:`ImproverAgent`).
-        seed: Seed of the goals, the fresh policy and the exploration noise.
+        seed: Seed of the tasks, the fresh policy and the exploration noise.
         max_episode_steps: Episode length (default: Meta-World's 500).
 
     Returns:
-        ``family``, ``goals``, the harness's arguments, the improver's loop ``settings``, and ``rows``: per agent
+        ``family``, ``tasks``, the harness's arguments, the improver's loop ``settings``, and ``rows``: per agent
         (``"improver"``, ``"no adaptation"``) Meta-World's ``success`` (mean success rate) and
         ``mean_return`` (mean evaluation return), and ``wall_s``.
 
@@ -324,21 +324,21 @@ def evaluate_in_metaworld(
     }
     rows = []
     for name, agent in agents.items():
-        envs = make_evaluation_envs(family, goals, seed, max_episode_steps)
+        envs = make_evaluation_envs(family, tasks, seed, max_episode_steps)
         try:
             spaces = (envs.single_observation_space.shape, envs.single_action_space.shape)
             if spaces != ((obs_dim,), (act_dim,)):
                 raise ValueError(f"the improver maps {obs_dim}-d observations to {act_dim}-d actions; {family} has shapes {spaces[0]} and {spaces[1]}")
             began = time.perf_counter()
             success, mean_return, _ = metalearning_evaluation(
-                agent, envs, num_evals=goals, adaptation_steps=adaptation_steps if isinstance(agent, ImproverAgent) else 0,
+                agent, envs, num_evals=tasks, adaptation_steps=adaptation_steps if isinstance(agent, ImproverAgent) else 0,
                 adaptation_episodes=adaptation_episodes, evaluation_episodes=evaluation_episodes,
             )
         finally:
             envs.close()
         rows.append({"agent": name, "success": float(success), "mean_return": float(mean_return), "wall_s": time.perf_counter() - began})
     return {
-        "family": family, "goals": goals, "adaptation_steps": adaptation_steps, "adaptation_episodes": adaptation_episodes,
+        "family": family, "tasks": tasks, "adaptation_steps": adaptation_steps, "adaptation_episodes": adaptation_episodes,
         "evaluation_episodes": evaluation_episodes, "seed": seed, "max_episode_steps": max_episode_steps,
         "settings": asdict(agents["improver"].settings), "rows": rows,
     }

@@ -40,12 +40,13 @@ class SB3Actor(nn.Module):
         return self.policy.get_distribution(observations).mode()
 
 
-def improve_sb3(improver: Improver, model: Any, experience: Trajectory) -> Any:
+def improve_sb3(improver: Improver, model: Any, experience: Trajectory, extra_states: torch.Tensor | None = None) -> Any:
     """One improvement step of ``model.policy`` (PPO, A2C, ...), written back into ``model``.
 
+    ``extra_states`` ``[N, obs_dim]``: more states to fit on (see :meth:`Improver.step`).
     Returns ``model``, which keeps predicting, learning and saving as usual.
     """
-    improved = improver.step(SB3Actor(model.policy), experience)
+    improved = improver.step(SB3Actor(model.policy), experience, extra_states=extra_states)
     model.policy.load_state_dict(improved.policy.state_dict())
     return model
 
@@ -128,8 +129,11 @@ class ImproverCallback(BaseCallback):
       environment steps; a step is skipped while no episode has ended. Needs a flat ``Box``
       observation space.
 
-    Each step's row (``num_timesteps``, success and mean return of the episodes the step watched,
-    extra ``env_steps`` so far) is kept in :attr:`history` and logged under ``improver/``.
+    Each step fits the actor on the states of every step's watched episodes so far, labelled with
+    the behaviour improved from the latest ones (DAgger, as :func:`improver.loop.improvement_loop`
+    does in parameters mode). Each step's row (``num_timesteps``, success and mean return of the
+    episodes the step watched, extra ``env_steps`` so far) is kept in :attr:`history` and logged
+    under ``improver/``.
 
     Args:
         improver: A trained improver (parameters mode).
@@ -159,10 +163,11 @@ class ImproverCallback(BaseCallback):
         self.rollouts, self.env_steps = 0, 0
         self.history: list[dict[str, Any]] = []
         # the model's rollouts, per env; the last `episodes` ended episodes are watched
-        self._watched = TrajectoryBuilder(success="success", keep=episodes)
+        self.watched = TrajectoryBuilder(success="success", keep=episodes)
+        self.visited: list[torch.Tensor] = []  # the states of earlier steps' watched episodes
 
     def _on_rollout_start(self) -> None:
-        if self.rollouts and self.rollouts % self.every == 0 and (self.tasks is not None or self._watched.num_episodes):
+        if self.rollouts and self.rollouts % self.every == 0 and (self.tasks is not None or self.watched.num_episodes):
             self.improve_now()
         self.rollouts += 1
 
@@ -174,7 +179,7 @@ class ImproverCallback(BaseCallback):
     def _record(self, local: dict[str, Any]) -> None:
         """Keep this step of every env; an episode that ends joins the watched ones."""
         # The builder copies the rewards, which PPO changes in place afterwards (bootstrap values).
-        self._watched.add_batch(local["obs_tensor"].cpu().numpy(), local["clipped_actions"], local["rewards"], local["dones"], infos=local["infos"])
+        self.watched.add_batch(local["obs_tensor"].cpu().numpy(), local["clipped_actions"], local["rewards"], local["dones"], infos=local["infos"])
 
     def _collect(self) -> Trajectory:
         seed = self.seed + len(self.history)
@@ -185,10 +190,11 @@ class ImproverCallback(BaseCallback):
 
     def improve_now(self) -> dict[str, Any]:
         """Step the current actor on the watched episodes, write it back; returns the step's row."""
-        if self.tasks is None and not self._watched.num_episodes:
+        if self.tasks is None and not self.watched.num_episodes:
             raise ValueError("no rollout episode has ended yet: there is nothing to watch (tasks=None)")
-        experience = self._collect() if self.tasks is not None else self._watched.trajectory()
-        improve_sb3(self.improver, self.model, experience)
+        experience = self._collect() if self.tasks is not None else self.watched.trajectory()
+        improve_sb3(self.improver, self.model, experience, torch.cat(self.visited) if self.visited else None)
+        self.visited.append(experience.observations[experience.mask])
         row = {
             "num_timesteps": self.num_timesteps,
             "success": float(experience.success.float().mean()),

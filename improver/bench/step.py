@@ -11,17 +11,16 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any
 
 import torch
 
-from .operator import Improver
-from .policies import MLPPolicy
-from .types import TaskInfo, Trajectory
-
-Mode = Literal["behaviour", "parameters"]
-
+from ..loop_settings import Mode
+from ..operator import Improver
+from ..policies import MLPPolicy
+from ..types import TaskInfo, Trajectory
 
 def random_experience(improver: Improver, episodes: int, steps: int = 500, seed: int = 0) -> Trajectory:
     """``episodes`` full episodes of ``steps`` steps with random states spread like the improver's training data.
@@ -88,7 +87,7 @@ def bench_step(
     for count in episodes:
         for mode in modes:
             args = [str(improver_path), str(count), mode, str(steps), str(chunk_tokens or 0), str(threads or 0)]
-            done = subprocess.run([sys.executable, "-m", "improver.step_bench", *args], capture_output=True, text=True)
+            done = subprocess.run([sys.executable, "-m", "improver.bench.step", *args], capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"the step measurement for {count} episodes ({mode}) failed:\n{done.stderr[-2000:]}")
             row = json.loads(done.stdout.splitlines()[-1])
@@ -97,7 +96,7 @@ def bench_step(
     return rows
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # one measurement, in the fresh process bench_step starts
     path, count, mode, steps, chunk, threads = sys.argv[1:]
     if int(threads):
         torch.set_num_threads(int(threads))

@@ -1,0 +1,125 @@
+"""Parameters mode fits every state the loop has visited (DAgger within the loop), and the expert
+a dataset imitates is chosen by measurement (smoothed, or raw where smoothing costs success)."""
+
+import pytest
+import torch
+from metaworld.policies.sawyer_basketball_v3_policy import SawyerBasketballV3Policy
+
+from improver.augment.generate import GenerateConfig, dataset_suite
+from improver.loop import improvement_loop
+from improver.network import NetworkConfig
+from improver.operator import Improver
+from improver.policies import MLPPolicy
+from improver.tasks import rollout
+from improver.tasks.expert_check import RAW_MARGIN, raw_is_better
+from improver.tasks.metaworld_suite import MetaWorldExpert, SmoothedPolicy, SmoothPushPolicy
+
+
+@pytest.fixture(scope="module")
+def improver():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Improver(NetworkConfig(4, 2, width=32), distill_steps=5, fit_epochs=30)
+
+
+def targets_of(improver, policy, experience, states):
+    """The improved behaviour's actions on ``states``, as a parameters step labels them."""
+    behaviour = improver.step(policy, experience, mode="behaviour")
+    with torch.no_grad():
+        return behaviour(states)
+
+
+def test_extra_states_are_fitted_on(improver, toy):
+    policy = MLPPolicy(4, 2)
+    experience = rollout(policy, toy.tasks("test")[:2], 2, seed=0, progress=False)
+    # states the experience never visited: far from where the policy went
+    extra = rollout(MLPPolicy(4, 2), toy.tasks("test")[2:4], 2, seed=1, progress=False)
+    extra = extra.observations[extra.mask] + 0.5
+    target = targets_of(improver, policy, experience, extra)
+    plain = improver.step(policy, experience)
+    aggregated = improver.step(policy, experience, extra_states=extra)
+    with torch.no_grad():
+        error_plain = float(((plain(extra) - target) ** 2).mean())
+        error_aggregated = float(((aggregated(extra) - target) ** 2).mean())
+    assert error_aggregated < 0.5 * error_plain
+
+
+def test_extra_states_are_checked(improver, toy):
+    policy = MLPPolicy(4, 2)
+    experience = rollout(policy, toy.tasks("test")[:1], 1, progress=False)
+    with pytest.raises(ValueError, match="parameters mode"):
+        improver.step(policy, experience, mode="behaviour", extra_states=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"\[N, 4\]"):
+        improver.step(policy, experience, extra_states=torch.zeros(3, 5))
+
+
+def test_the_parameters_loop_fits_the_states_of_every_earlier_step(improver, toy, monkeypatch):
+    seen = []
+    step = Improver.step
+
+    def recording(self, policy, experience, mode="parameters", inputs="observations", extra_states=None):
+        if mode == "parameters":
+            seen.append((int(experience.mask.sum()), 0 if extra_states is None else len(extra_states)))
+        return step(self, policy, experience, mode, inputs, extra_states)
+
+    monkeypatch.setattr(Improver, "step", recording)
+    states = [s.experience for s in improvement_loop(improver, MLPPolicy(4, 2), toy.tasks("test")[:2], 3, 2, mode="parameters")]
+    sizes = [int(e.mask.sum()) for e in states]
+    # step k watches experience k (memory 1) and fits, besides, every state of the steps before it
+    assert seen == [(sizes[0], 0), (sizes[1], sizes[0]), (sizes[2], sizes[0] + sizes[1])]
+
+
+def test_from_step_1_half_the_parameters_loop_episodes_are_the_teachers(improver, toy):
+    tasks = toy.tasks("test")[:4]
+    states = list(improvement_loop(improver, MLPPolicy(4, 2), tasks, 2, 4, mode="parameters"))
+    for state in states[1:]:
+        teacher = improver.step(states[state.step - 1].policy, states[state.step - 1].experience, mode="behaviour")
+        # the first two episodes are the teacher's (no noise by default here): its actions, exactly
+        with torch.no_grad():
+            for e in range(2):
+                obs = state.experience.observations[e, : state.experience.lengths[e]]
+                assert torch.allclose(teacher(obs), state.experience.actions[e, : state.experience.lengths[e]], atol=1e-5)
+        assert [i.index for i in state.experience.tasks] == [t.index for t in tasks]
+
+
+def test_the_behaviour_loop_passes_no_extra_states(improver, toy, monkeypatch):
+    extras = []
+    step = Improver.step
+    monkeypatch.setattr(
+        Improver, "step", lambda self, p, e, mode="parameters", inputs="observations", extra_states=None: extras.append(extra_states) or step(self, p, e, mode, inputs)
+    )
+    list(improvement_loop(improver, MLPPolicy(4, 2), toy.tasks("test")[:1], 2, 1, mode="behaviour"))
+    assert extras == [None, None]
+
+
+def test_raw_is_better_only_when_smoothing_costs_more_than_the_margin():
+    assert raw_is_better(0.0, 0.8)  # basketball-v3, measured: smoothed 0.0, raw 0.8
+    assert not raw_is_better(1.0, 1.0)
+    assert not raw_is_better(0.8, 0.8 + RAW_MARGIN / 2)
+    assert not raw_is_better(0.0, None)  # no raw form to fall back on
+
+
+def test_unsmoothed_families_get_their_scripted_policy_and_the_rest_keep_theirs():
+    expert = MetaWorldExpert().raw(["basketball-v3"])
+    assert isinstance(expert.policy("basketball-v3"), SawyerBasketballV3Policy)
+    assert isinstance(expert.policy("window-open-v3"), SmoothedPolicy)
+    assert isinstance(expert.policy("push-v3"), SmoothPushPolicy)
+    assert isinstance(MetaWorldExpert().policy("basketball-v3"), SmoothedPolicy)
+
+
+def test_dataset_records_raw_families_only_when_there_are_some():
+    assert "raw_expert_families" not in GenerateConfig("toy:reach2d").record()  # older datasets keep matching
+    config = GenerateConfig("ML1:basketball-v3", raw_expert_families=("basketball-v3",)).record()
+    suite = dataset_suite(config)
+    assert isinstance(suite.expert.policy("basketball-v3"), SawyerBasketballV3Policy)
+    with pytest.raises(ValueError, match="raw form"):
+        dataset_suite(GenerateConfig("toy:reach2d", raw_expert_families=("reach2d",)).record())
+
+
+def test_a_callback_stops_the_loop_by_returning_false_like_stable_baselines3(improver, toy):
+    def run(verdict):
+        return [s.step for s in improvement_loop(improver, MLPPolicy(4, 2), toy.tasks("test")[:1], 3, 1, callbacks=[lambda s: verdict(s.step)])]
+
+    assert run(lambda k: None) == [0, 1, 2, 3]
+    assert run(lambda k: True) == [0, 1, 2, 3]  # True continues, as in SB3's _on_step
+    assert run(lambda k: k < 1) == [0, 1]
