@@ -113,9 +113,10 @@ def improvement_loop(
         mode: ``"parameters"`` (a distilled copy of ``policy``) or ``"behaviour"``; default: the improver's.
             In parameters mode each step fits the copy on the states of every step so far, each
             labelled with the behaviour improved from the latest experience, and from step 1 on
-            half of each step's episodes (rounded down) are acted by that behaviour (DAgger
-            within the loop: the copy is taught where the behaviour goes and where the previous
-            copies drifted; every env step is counted, and ``success`` is over all the episodes).
+            half of each step's episodes (rounded down) are acted by that behaviour, with the
+            task exploration the improver carries for behaviour mode (DAgger within the loop: the
+            copy is taught where the behaviour goes and where the previous copies drifted; every
+            env step is counted, and ``success`` is over all the episodes).
         reward_free: Hide the rewards from the improver (its ranking reward model supplies them).
         memory: Each step watches the episodes of the last ``memory`` steps (1: only the current
             policy's, like an RL update; more: earlier policies' too, which spread the states
@@ -182,6 +183,9 @@ def _run(
 ) -> Iterator[LoopStep]:
     mode, memory, exploration = settings.mode, settings.memory, settings.exploration
     task_noise = (settings.task_exploration, settings.wide_task_exploration or settings.task_exploration)
+    # parameters mode: the teacher acts as the improver's behaviour mode would, with the task exploration it carries
+    carried = improver.loop_settings
+    teacher_noise = (carried.task_exploration, carried.wide_task_exploration or carried.task_exploration)
     env_steps, busy, history = 0, 0.0, []
     visited: list[torch.Tensor] = []  # parameters mode: every step's states, fitted on again at every later step (DAgger)
     teacher = None  # parameters mode: the behaviour the current copy was distilled from
@@ -191,7 +195,8 @@ def _run(
             start = time.perf_counter()
             sigma = task_noise[failed]
             actor = TaskSampling(policy, sigma, seed=seed + k) if sigma and isinstance(policy, BehaviourPolicy) else policy
-            experience = _collect(actor, teacher, tasks, exploration, seed + k, render)
+            guide = TaskSampling(teacher, teacher_noise[failed], seed=seed + k) if teacher is not None and teacher_noise[failed] else teacher
+            experience = _collect(actor, guide, tasks, exploration, seed + k, render)
             env_steps += int(experience.lengths.sum())
             failed = not bool(experience.success.any())
             busy += time.perf_counter() - start
@@ -223,7 +228,7 @@ def _run(
 
 
 def _collect(
-    actor: Any, teacher: nn.Module | None, tasks: list[Task], exploration: float, seed: int, render: RenderConfig | None
+    actor: Any, teacher: Any | None, tasks: list[Task], exploration: float, seed: int, render: RenderConfig | None
 ) -> Trajectory:
     """One episode per task with ``exploration`` noise: all by ``actor`` or, given a ``teacher``,
     the first half (rounded down) by the teacher and the rest by ``actor``.

@@ -30,7 +30,7 @@ echo ">> installing policy-improver and its dependencies (first time: a few minu
 # declared dependencies (gsutil, qpth, ... are not needed); what it imports at import time
 # (requests, the old gym) comes with the `learn2learn` extra above.
 l2l_version=0.2.0
-l2l_cache="$venv/build/learn2learn"
+l2l_cache="$(cd "$venv" && pwd)/build/learn2learn"  # absolute: the build runs from the unpacked sdist
 l2l_installed() { "$py" -c "import importlib.metadata as m, sys; sys.exit(m.version('learn2learn') != '$l2l_version')" 2>/dev/null; }
 l2l_fail() {
   [ -f "$2" ] && tail -n 20 "$2" >&2

@@ -123,3 +123,27 @@ def test_a_callback_stops_the_loop_by_returning_false_like_stable_baselines3(imp
     assert run(lambda k: None) == [0, 1, 2, 3]
     assert run(lambda k: True) == [0, 1, 2, 3]  # True continues, as in SB3's _on_step
     assert run(lambda k: k < 1) == [0, 1]
+
+
+def test_the_teacher_explores_the_task_as_the_improvers_behaviour_mode_would(toy):
+    from dataclasses import replace as replaced
+
+    from improver.loop_settings import LoopSettings
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        explorer = Improver(NetworkConfig(4, 2, width=32, task_dim=2), distill_steps=2, fit_epochs=5)
+    explorer.loop_settings = LoopSettings("behaviour", 0.0, 0.5, 0.5)
+    tasks = toy.tasks("test")[:2]
+    states = list(improvement_loop(explorer, MLPPolicy(4, 2), tasks, 1, 2, mode="parameters"))
+    teacher = explorer.step(states[0].policy, states[0].experience, mode="behaviour")
+    first = states[1].experience  # its first episode is the teacher's, on a shifted task
+    obs, acts = first.observations[0, : first.lengths[0]], first.actions[0, : first.lengths[0]]
+    with torch.no_grad():
+        assert not torch.allclose(teacher(obs), acts, atol=1e-4)
+    explorer.loop_settings = replaced(explorer.loop_settings, task_exploration=0.0, wide_task_exploration=0.0)
+    states = list(improvement_loop(explorer, MLPPolicy(4, 2), tasks, 1, 2, mode="parameters"))
+    teacher = explorer.step(states[0].policy, states[0].experience, mode="behaviour")
+    first = states[1].experience
+    with torch.no_grad():
+        assert torch.allclose(teacher(first.observations[0, : first.lengths[0]]), first.actions[0, : first.lengths[0]], atol=1e-5)
