@@ -41,7 +41,8 @@ class LoopStep:
         step: Step number; 0 is the starting policy.
         policy: The policy of this step (step ``k`` is the starting policy improved ``k`` times).
         experience: Its episodes, ``episodes`` of them (observations ``[B, T, obs_dim]``, ...).
-        metrics: ``step``, ``success`` (fraction of episodes that succeeded), ``mean_return``,
+        metrics: ``step``, ``success`` (fraction of the policy's own episodes that succeeded; in
+            parameters mode half the experience is the teacher's), ``mean_return`` (of those),
             ``env_steps`` (all steps collected so far, this step's included) and ``wall_s`` (time
             spent in the loop so far, not in the caller's code).
     """
@@ -116,7 +117,7 @@ def improvement_loop(
             half of each step's episodes (rounded down) are acted by that behaviour, with the
             task exploration the improver carries for behaviour mode (DAgger within the loop: the
             copy is taught where the behaviour goes and where the previous copies drifted; every
-            env step is counted, and ``success`` is over all the episodes).
+            env step is counted, and ``success`` and ``mean_return`` are the copy's own episodes').
         reward_free: Hide the rewards from the improver (its ranking reward model supplies them).
         memory: Each step watches the episodes of the last ``memory`` steps (1: only the current
             policy's, like an RL update; more: earlier policies' too, which spread the states
@@ -196,14 +197,14 @@ def _run(
             sigma = task_noise[failed]
             actor = TaskSampling(policy, sigma, seed=seed + k) if sigma and isinstance(policy, BehaviourPolicy) else policy
             guide = TaskSampling(teacher, teacher_noise[failed], seed=seed + k) if teacher is not None and teacher_noise[failed] else teacher
-            experience = _collect(actor, guide, tasks, exploration, seed + k, render)
+            experience, own = _collect(actor, guide, tasks, exploration, seed + k, render)
             env_steps += int(experience.lengths.sum())
             failed = not bool(experience.success.any())
             busy += time.perf_counter() - start
             metrics = {
                 "step": k,
-                "success": float(experience.success.float().mean()),
-                "mean_return": float(experience.returns.mean()),
+                "success": float(own.success.float().mean()),
+                "mean_return": float(own.returns.mean()),
                 "env_steps": env_steps,
                 "wall_s": busy,
             }
@@ -229,9 +230,10 @@ def _run(
 
 def _collect(
     actor: Any, teacher: Any | None, tasks: list[Task], exploration: float, seed: int, render: RenderConfig | None
-) -> Trajectory:
+) -> tuple[Trajectory, Trajectory]:
     """One episode per task with ``exploration`` noise: all by ``actor`` or, given a ``teacher``,
-    the first half (rounded down) by the teacher and the rest by ``actor``.
+    the first half (rounded down) by the teacher and the rest by ``actor``. Returns all the
+    episodes and the actor's own.
 
     The teacher's episodes are DAgger's mixture (Ross et al., 2011): they add the states the improved
     behaviour reaches, which a copy distilled only on its own states finds one step at a time.
@@ -242,7 +244,7 @@ def _collect(
         for who, part, part_seed in ((teacher, tasks[:share], derive_seed(seed, 1)), (actor, tasks[share:], seed))
         if part
     ]
-    return parts[0] if len(parts) == 1 else Trajectory.cat(parts)
+    return (parts[0] if len(parts) == 1 else Trajectory.cat(parts)), parts[-1]
 
 
 class TaskSampling:

@@ -319,9 +319,12 @@ def test_bad_meta_training_settings_are_refused(field, value):
         MetaTrainConfig(**{field: value})
 
 
-def test_the_command_refuses_zero_steps_before_touching_out(toy_dataset, tmp_path):
+def test_the_command_refuses_zero_steps_before_touching_out(toy_dataset, tmp_path, capsys):
     from improver.cli import main
 
-    with pytest.raises(ValueError, match="MetaTrainConfig.steps must be positive; got 0"):
+    # the nested MetaTrainConfig checks itself while the flags are parsed: a usage error (exit 2)
+    with pytest.raises(SystemExit) as exit_info:
         main(["meta-train", "--data", str(toy_dataset), "--out", str(tmp_path / "out"), "--steps", "0", "--width", "16"])
+    assert exit_info.value.code == 2
+    assert "MetaTrainConfig.steps must be positive; got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

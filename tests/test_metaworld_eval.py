@@ -168,7 +168,7 @@ def test_the_command_prints_metaworlds_figures_for_both_agents(tmp_path, capsys)
     assert "| improver" in printed and "| no adaptation" in printed and "'mode': 'parameters'" in printed
     result = json.loads(out.read_text())
     assert [row["agent"] for row in result["rows"]] == ["improver", "no adaptation"]
-    assert result["settings"]["mode"] == "parameters" and result["goals"] == 1
+    assert result["settings"]["mode"] == "parameters" and result["tasks"] == 1
     assert all(row["success"] in (0.0, 1.0) and np.isfinite(row["mean_return"]) for row in result["rows"])  # one goal, one episode
 
 
