@@ -216,10 +216,12 @@ def test_improvement_loop_and_command(improver, toy, tmp_path, capsys):
     final, rows = improve(improver, copy.deepcopy(start), toy.tasks("test")[:2], steps=2, episodes=4)
     assert [r["step"] for r in rows] == [0, 1, 2] and isinstance(final, MLPPolicy)
     assert [r["env_steps"] for r in rows] == [160, 320, 480]
-    # the rows are the loop's own episodes' figures, and the same start and seed give the same loop
+    # the rows are the policy's own episodes' figures (parameters mode: from step 1 the first half of
+    # the episodes are the teacher's), and the same start and seed give the same loop
     states = list(improvement_loop(improver, copy.deepcopy(start), toy.tasks("test")[:2], 2, 4))
+    own = [slice(None)] + [slice(2, None)] * 2
     assert [(r["success"], r["mean_return"]) for r in rows] == [
-        (float(s.experience.success.float().mean()), float(s.experience.returns.mean())) for s in states
+        (float(s.experience.success[o].float().mean()), float(s.experience.returns[o].mean())) for s, o in zip(states, own)
     ]
     _, free_rows = improve(improver, MLPPolicy(4, 2), toy.tasks("test")[:2], steps=1, episodes=2, mode="behaviour")
     assert len(free_rows) == 2

@@ -93,6 +93,8 @@ def test_parameters_mode_memory_and_task_exploration_follow_the_settings(toy_imp
     seen = adapt(agent, task, steps=2)
     assert isinstance(agent.policy, MLPPolicy) and agent.policy is not start
     assert [h.num_episodes for h in agent.history] == [4, 4]
+    # every step's states are kept for the refit (DAgger); the watched ones (memory 2) go in the experience
+    assert [len(v) for v in agent.visited] == [int(h.mask.sum()) for h in agent.history]
     first_obs, first_actions = seen[0]  # no exploration: the starting policy's own actions
     assert np.allclose(first_actions, start(torch.as_tensor(first_obs, dtype=torch.float32)).detach().numpy())
     # behaviour mode, task exploration only: from the second step on, each episode acts on its own moved task

@@ -122,6 +122,9 @@ class ImproverAgent:
         settings: The loop settings in use (:class:`~improver.loop_settings.LoopSettings`).
         policy: The current task's policy: the starting one until the first ``adapt``.
         history: The experience of the current task's last ``memory`` adaptation steps.
+        visited: Parameters mode: the states of every adaptation step of the current task, all
+            refitted at each step (DAgger, as the improvement loop does; the harness acts every
+            adaptation episode with the policy, so there are no teacher episodes here).
         adapted: Adaptation steps done on the current task.
         tasks: Tasks begun (``init`` calls).
 
@@ -153,6 +156,7 @@ class ImproverAgent:
     def _begin_task(self) -> None:
         self.policy: Policy = self.start
         self.history, self.failed, self.adapted = [], True, 0
+        self.visited: list[torch.Tensor] = []  # parameters mode: every adaptation step's states (DAgger)
         self._begin_step()
 
     def _begin_step(self) -> None:
@@ -214,7 +218,12 @@ class ImproverAgent:
         experience = self._builder.trajectory()
         self.failed = not bool(experience.success.any())
         self.history = [*self.history, experience][-self.settings.memory :]
-        self.policy = self.improver.step(self.policy, Trajectory.cat(self.history), mode=self.settings.mode)
+        extra = None
+        if self.settings.mode == "parameters":  # refit on every state so far, as the improvement loop does
+            self.visited.append(experience.observations[experience.mask])
+            earlier = self.visited[: -len(self.history)]
+            extra = torch.cat(earlier) if earlier else None
+        self.policy = self.improver.step(self.policy, Trajectory.cat(self.history), mode=self.settings.mode, extra_states=extra)
         self.adapted += 1
         self._begin_step()
 
