@@ -183,10 +183,6 @@ def _run(
     progress: bool,
 ) -> Iterator[LoopStep]:
     mode, memory, exploration = settings.mode, settings.memory, settings.exploration
-    task_noise = (settings.task_exploration, settings.wide_task_exploration or settings.task_exploration)
-    # parameters mode: the teacher acts as the improver's behaviour mode would, with the task exploration it carries
-    carried = improver.loop_settings
-    teacher_noise = (carried.task_exploration, carried.wide_task_exploration or carried.task_exploration)
     env_steps, busy, history = 0, 0.0, []
     visited: list[torch.Tensor] = []  # parameters mode: every step's states, fitted on again at every later step (DAgger)
     teacher = None  # parameters mode: the behaviour the current copy was distilled from
@@ -194,9 +190,11 @@ def _run(
     with tqdm(total=steps + 1, desc=f"improve ({mode})", unit="step", disable=not progress) as bar:
         for k in range(steps + 1):
             start = time.perf_counter()
-            sigma = task_noise[failed]
+            sigma = settings.task_sigma(failed)
             actor = TaskSampling(policy, sigma, seed=seed + k) if sigma and isinstance(policy, BehaviourPolicy) else policy
-            guide = TaskSampling(teacher, teacher_noise[failed], seed=seed + k) if teacher is not None and teacher_noise[failed] else teacher
+            # parameters mode: the teacher acts as the improver's behaviour mode would, with the task exploration it carries
+            teacher_sigma = improver.loop_settings.task_sigma(failed)
+            guide = TaskSampling(teacher, teacher_sigma, seed=seed + k) if teacher is not None and teacher_sigma else teacher
             experience, own = _collect(actor, guide, tasks, exploration, seed + k, render)
             env_steps += int(experience.lengths.sum())
             failed = not bool(experience.success.any())
@@ -222,7 +220,8 @@ def _run(
                 visited.append(experience.observations[experience.mask])
                 earlier = visited[: -len(history)]  # the states of the watched steps are in the experience already
                 teacher = improver.step(policy, watched, mode="behaviour")
-                policy = improver.step(policy, watched, extra_states=torch.cat(earlier) if earlier else None)
+                # one context for the teacher and the copy: the copy is fitted to the teacher's actions
+                policy = improver.fit_to(policy, teacher, torch.cat([watched.observations[watched.mask], *earlier]))
             else:
                 policy = improver.step(policy, watched, mode=mode)
             busy += time.perf_counter() - start

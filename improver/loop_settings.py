@@ -51,6 +51,11 @@ class LoopSettings:
                 f"{self.task_exploration}, wide {self.wide_task_exploration}): use mode='behaviour' or set both to 0"
             )
 
+    def task_sigma(self, failed: bool) -> float:
+        """The task exploration of a step: ``wide_task_exploration`` (or, if 0, ``task_exploration``)
+        after a step whose episodes all failed, else ``task_exploration``."""
+        return (self.wide_task_exploration or self.task_exploration) if failed else self.task_exploration
+
     def overridden(
         self,
         mode: Mode | None = None,

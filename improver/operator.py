@@ -285,16 +285,35 @@ class Improver(nn.Module):
                 states = policy_inputs = torch.cat([states, extra_states.to(states)])
             with torch.no_grad():
                 targets = self.net.head.act(self.net.normalize(states), z)
-            improved = copy.deepcopy(policy)
-            frozen = not any(p.requires_grad for p in improved.parameters())
-            if frozen:
-                improved.requires_grad_(True)
-            if self.fit_epochs:
-                with torch.enable_grad():  # also when the caller runs step() under torch.no_grad()
-                    improved = fit_policy(improved, policy_inputs, targets, epochs=self.fit_epochs, generator=torch.Generator().manual_seed(0))
-            else:
-                improved = self.distill(improved, policy_inputs, targets, differentiable=False).eval()
-            return checked(improved.requires_grad_(False) if frozen else improved, policy_inputs)
+            return self._fitted(policy, policy_inputs, targets)
+
+    def fit_to(self, policy: nn.Module, behaviour: nn.Module, states: torch.Tensor) -> nn.Module:
+        """A copy of ``policy`` moved toward ``behaviour``'s actions on ``states`` ``[N, obs_dim]``
+        (observations), by this improver's rule of parameters mode; the policy is never modified.
+
+        ``step(policy, experience, extra_states=extra)`` is ``fit_to(policy, step(policy, experience,
+        mode="behaviour"), states)`` with ``states`` the experience's followed by ``extra``: the
+        improvement loop calls it so that one context serves both its teacher and the copy.
+        """
+        with torch.inference_mode(False):
+            states = states.to(self.log_lrs.device)
+            with torch.no_grad():
+                targets = behaviour(states)
+            return self._fitted(policy, states, targets)
+
+    def _fitted(self, policy: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> nn.Module:
+        """A checked copy of ``policy`` fitted to ``targets`` ``[N, act_dim]`` on ``inputs`` (Adam for
+        ``fit_epochs``, else the meta-learned distillation)."""
+        improved = copy.deepcopy(policy)
+        frozen = not any(p.requires_grad for p in improved.parameters())
+        if frozen:
+            improved.requires_grad_(True)
+        if self.fit_epochs:
+            with torch.enable_grad():  # also when the caller runs step() under torch.no_grad()
+                improved = fit_policy(improved, inputs, targets, epochs=self.fit_epochs, generator=torch.Generator().manual_seed(0))
+        else:
+            improved = self.distill(improved, inputs, targets, differentiable=False).eval()
+        return checked(improved.requires_grad_(False) if frozen else improved, inputs)
 
     def distill(
         self, policy: nn.Module, states: torch.Tensor, targets: torch.Tensor, differentiable: bool, probe: torch.Tensor | None = None

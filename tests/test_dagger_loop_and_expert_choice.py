@@ -55,31 +55,29 @@ def test_extra_states_are_checked(improver, toy):
 
 def test_the_parameters_loop_fits_the_states_of_every_earlier_step(improver, toy, monkeypatch):
     seen = []
-    step = Improver.step
+    fit_to = Improver.fit_to
 
-    def recording(self, policy, experience, mode="parameters", inputs="observations", extra_states=None):
-        if mode == "parameters":
-            seen.append((int(experience.mask.sum()), 0 if extra_states is None else len(extra_states)))
-        return step(self, policy, experience, mode, inputs, extra_states)
+    def recording(self, policy, behaviour, states):
+        seen.append(len(states))
+        return fit_to(self, policy, behaviour, states)
 
-    monkeypatch.setattr(Improver, "step", recording)
+    monkeypatch.setattr(Improver, "fit_to", recording)
     states = [s.experience for s in improvement_loop(improver, MLPPolicy(4, 2), toy.tasks("test")[:2], 3, 2, mode="parameters")]
     sizes = [int(e.mask.sum()) for e in states]
     # step k watches experience k (memory 1) and fits, besides, every state of the steps before it
-    assert seen == [(sizes[0], 0), (sizes[1], sizes[0]), (sizes[2], sizes[0] + sizes[1])]
+    assert seen == [sizes[0], sizes[1] + sizes[0], sizes[2] + sizes[0] + sizes[1]]
 
 
-def test_from_step_1_half_the_parameters_loop_episodes_are_the_teachers(improver, toy):
-    tasks = toy.tasks("test")[:4]
-    states = list(improvement_loop(improver, MLPPolicy(4, 2), tasks, 2, 4, mode="parameters"))
-    for state in states[1:]:
-        teacher = improver.step(states[state.step - 1].policy, states[state.step - 1].experience, mode="behaviour")
-        # the first two episodes are the teacher's (no noise by default here): its actions, exactly
-        with torch.no_grad():
-            for e in range(2):
-                obs = state.experience.observations[e, : state.experience.lengths[e]]
-                assert torch.allclose(teacher(obs), state.experience.actions[e, : state.experience.lengths[e]], atol=1e-5)
-        assert [i.index for i in state.experience.tasks] == [t.index for t in tasks]
+def test_fit_to_the_behaviour_is_the_parameters_step(improver, toy):
+    policy = MLPPolicy(4, 2)
+    experience = rollout(policy, toy.tasks("test")[:2], 2, seed=0, progress=False)
+    extra = rollout(MLPPolicy(4, 2), toy.tasks("test")[2:3], 1, seed=1, progress=False)
+    extra = extra.observations[extra.mask]
+    stepped = improver.step(policy, experience, extra_states=extra)
+    states = torch.cat([experience.observations[experience.mask], extra])
+    fitted = improver.fit_to(policy, improver.step(policy, experience, mode="behaviour"), states)
+    for a, b in zip(stepped.parameters(), fitted.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_the_behaviour_loop_passes_no_extra_states(improver, toy, monkeypatch):
@@ -147,3 +145,11 @@ def test_the_teacher_explores_the_task_as_the_improvers_behaviour_mode_would(toy
     first = states[1].experience
     with torch.no_grad():
         assert torch.allclose(teacher(first.observations[0, : first.lengths[0]]), first.actions[0, : first.lengths[0]], atol=1e-5)
+
+
+def test_task_sigma_widens_only_after_a_step_that_all_failed():
+    from improver.loop_settings import LoopSettings
+
+    assert LoopSettings("behaviour", 0.3, 0.04, 0.08).task_sigma(True) == 0.08
+    assert LoopSettings("behaviour", 0.3, 0.04, 0.08).task_sigma(False) == 0.04
+    assert LoopSettings("behaviour", 0.3, 0.04).task_sigma(True) == 0.04  # no wide one: the plain one

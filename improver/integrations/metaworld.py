@@ -195,7 +195,7 @@ class ImproverAgent:
             info = unknown_task(self.tasks, episode_seed=self._episodes)
             self._episodes += 1
             self._builder.set_task(info, env)
-            sigma = (self.settings.task_exploration, self.settings.wide_task_exploration or self.settings.task_exploration)[self.failed]
+            sigma = self.settings.task_sigma(self.failed)
             actor = self.policy
             if sigma and isinstance(actor, BehaviourPolicy):
                 actor = TaskSampling(actor, sigma, seed=self.step_seed)
