@@ -68,12 +68,19 @@ class GenerateConfig:
     """Settings of a dataset; a folder only ever holds one setting (resume checks it)."""
 
     suite: str
-    split: str = "train"
+    """Suite name, e.g. ML1:push-v3 or toy:reach2d."""
+    split: Literal["train", "test"] = "train"
+    """Which split's tasks to use."""
     preset: Literal["tiny", "demo", "full"] = "demo"
+    """Size: tiny (tests), demo (10 tasks), full (all tasks, 20 noise levels)."""
     seed: int = 0
+    """Seed of every episode, noise draw and zoo member."""
     suite_seed: int = 0
+    """Seed the suite's task parameters are drawn with."""
     frames: bool = False
+    """Render the lesser and ranked episodes (every ``render.every`` steps)."""
     render: RenderConfig = field(default_factory=RenderConfig)
+    """How frames are rendered with ``frames``."""
     tasks: int | None = None
     """Use only ``tasks`` tasks of the split, from its families in turn (default: the preset's number)."""
     raw_expert_families: tuple[str, ...] = ()
@@ -90,6 +97,8 @@ class GenerateConfig:
         return record
 
     def __post_init__(self) -> None:
+        if self.split not in SPLIT_CODES:
+            raise ValueError(f"unknown split {self.split!r}; choose one of {sorted(SPLIT_CODES)}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.tasks is not None and self.tasks < 1:

@@ -5,9 +5,10 @@ Each concept is one config dataclass, declared once and nested into the commands
 (tyro's ``OmitArgPrefixes`` keeps the flags short): the loop settings (:class:`~improver.loop_settings.LoopOverrides`,
 whose unset fields are the improver's own), the loop's length (:class:`LoopLength`), the network
 (:class:`Network`), meta-training (:class:`~improver.meta_train.MetaTrainConfig`), refinement
-(:class:`~improver.refine.RefineConfig`) and the whole recipe (:class:`~improver.train.TrainConfig`).
+(:class:`~improver.refine.RefineConfig`), the whole recipe (:class:`~improver.train.TrainConfig`), a dataset
+(:class:`~improver.augment.generate.GenerateConfig`) and the ranking reward (:class:`~improver.augment.ranking_reward.RewardModelConfig`).
 
-``improver --help`` answers without importing torch: the last three live in modules that import
+``improver --help`` answers without importing torch: all but the first three live in modules that import
 it, so they are bound here (:func:`bind_nested_configs`) only once a command has been chosen.
 """
 
@@ -28,6 +29,8 @@ from .io import atomic_path
 from .loop_settings import LoopOverrides
 
 if TYPE_CHECKING:
+    from .augment.generate import GenerateConfig
+    from .augment.ranking_reward import RewardModelConfig
     from .meta_train import MetaTrainConfig
     from .refine import RefineConfig
     from .task_inference import TaskInferenceName
@@ -43,7 +46,9 @@ def bind_nested_configs() -> None:
     They live next to code that imports torch; binding them only when a command runs keeps
     ``improver --help`` light.
     """
-    global MetaTrainConfig, RefineConfig, TaskInferenceName, TrainConfig
+    global GenerateConfig, MetaTrainConfig, RefineConfig, RewardModelConfig, TaskInferenceName, TrainConfig
+    from .augment.generate import GenerateConfig
+    from .augment.ranking_reward import RewardModelConfig
     from .meta_train import MetaTrainConfig
     from .refine import RefineConfig
     from .task_inference import TaskInferenceName
@@ -148,28 +153,14 @@ class Rollout:
 class Generate:
     """Build a meta-training dataset: D-REX ranked families, a policy zoo and expert targets."""
 
-    suite: str
-    """Suite name, e.g. ML1:push-v3 or toy:reach2d."""
     out: Path
     """Dataset folder (rerun with the same settings to resume)."""
-    split: Literal["train", "test"] = "train"
-    """Which split's tasks to use."""
-    preset: Literal["tiny", "demo", "full"] = "demo"
-    """Size: tiny (tests), demo (10 tasks), full (all tasks, 20 noise levels)."""
-    seed: int = 0
-    """Seed of every episode, noise draw and zoo member."""
-    suite_seed: int = 0
-    """Seed the suite's task parameters are drawn with."""
-    frames: bool = False
-    """Render the lesser and ranked episodes (64x64, every 10 steps)."""
-    tasks: int | None = None
-    """Use only N tasks of the split, taken from its families in turn (default: the preset's number)."""
+    dataset: Annotated[GenerateConfig, tyro.conf.OmitArgPrefixes]
 
     def run(self) -> None:
-        from .augment.generate import GenerateConfig, generate
+        from .augment.generate import generate
 
-        config = GenerateConfig(self.suite, self.split, self.preset, self.seed, self.suite_seed, self.frames, tasks=self.tasks)
-        generate(config, self.out)
+        generate(self.dataset, self.out)
 
 
 @dataclass
@@ -182,18 +173,13 @@ class RewardModel:
     """Where to save the model (default: DATA/reward_model)."""
     heldout_tasks: int = 10
     """Held-out (test-split) tasks to measure on."""
-    frames: bool = False
-    """Also look at frames (the dataset must have been generated with --frames)."""
-    steps: int = 800
-    """Optimiser steps."""
-    seed: int = 0
-    """Seed of the weights and pair draws."""
+    model: Annotated[RewardModelConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=lambda: RewardModelConfig())
+    """--use-frames needs a dataset generated with --frames."""
 
     def run(self) -> None:
-        from .augment.ranking_reward import RewardModelConfig, fit_on_dataset
+        from .augment.ranking_reward import fit_on_dataset
 
-        config = RewardModelConfig(steps=self.steps, seed=self.seed, use_frames=self.frames)
-        report = fit_on_dataset(self.data, self.heldout_tasks, config, self.out)
+        report = fit_on_dataset(self.data, self.heldout_tasks, self.model, self.out)
         print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
 
 

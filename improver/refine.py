@@ -1,4 +1,4 @@
-"""On-policy training of the task inference: infer tasks from the episodes the improver's own loop collects.
+"""On-policy refinement on the loop's own episodes: the task inference learns to infer their tasks, the behaviour head to act on their states.
 
 Meta-training shows the task inference the lesser policies' episodes and their tasks' noise
 ladders. From step 2 on, the loop shows it something else: episodes of improved policies that

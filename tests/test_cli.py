@@ -1,12 +1,12 @@
 import json
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
-from improver.cli import BENCHMARKS, COMMANDS, Improve, MetaTrain, Network, bind_nested_configs, main
+from improver.cli import BENCHMARKS, COMMANDS, Generate, Improve, MetaTrain, Network, RewardModel, bind_nested_configs, main
 from improver.loop_settings import LoopOverrides, LoopSettings
 from improver.policies import MLPPolicy, save_policy
 
@@ -126,3 +126,18 @@ def test_nested_configs_keep_the_flat_flags_and_the_commands_defaults():
     assert (meta.network.width, meta.network.task_inference, meta.meta_training.steps) == (16, "learned", 7)
     assert meta.meta_training.distill_weight == 0.0  # the command's recipe, not MetaTrainConfig's default
     assert Network().task_inference == DEFAULT_TASK_INFERENCE  # written out in the command line's light module: keep them equal
+
+
+def test_generate_and_reward_model_nest_their_configs():
+    import tyro
+
+    from improver.augment.generate import GenerateConfig
+    from improver.augment.ranking_reward import RewardModelConfig
+
+    bind_nested_configs()
+    generate = tyro.cli(Generate, args=["--suite", "toy:reach2d", "--out", "o", "--preset", "tiny", "--tasks", "2", "--frames", "--size", "32"])
+    assert generate.dataset == GenerateConfig("toy:reach2d", preset="tiny", frames=True, tasks=2, render=replace(GenerateConfig("x").render, size=32))
+    reward = tyro.cli(RewardModel, args=["--data", "d", "--steps", "5", "--use-frames"])
+    assert reward.model == RewardModelConfig(steps=5, use_frames=True)
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        GenerateConfig("toy:reach2d", split="val")

@@ -1,11 +1,11 @@
 """Generalisation to held-out toy tasks: a small improver meta-trained on goals of the training split of
-``toy:reach2d`` infers goals of the test split, which it never saw, from a fresh policy's episodes.
-
-(A test that such an improver raises held-out *success* is still missing: 400 meta-training steps
-raised it on 2 of 3 seeds only; see the session report of issue 25.)
+``toy:reach2d`` infers goals of the test split, which it never saw, from a fresh policy's episodes,
+and the whole recipe (``improver.train``) raises the success of held-out starting policies.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -60,3 +60,21 @@ def test_brief_meta_training_already_infers_held_out_goals_better(train_data, to
     print(f"held-out goal error {before:.3f} -> {after:.3f} m")
     assert after < 0.7 * before
 
+
+
+@pytest.mark.slow
+def test_the_whole_recipe_raises_held_out_success_on_the_toy_suite(tmp_path):
+    """``improver.train`` at a small budget (about 7 min on 2 loaded cores): its report's held-out starting
+    policies, at 0% success, succeed after 3 steps (measured, seeds 0-2: see docs/train.md)."""
+    from improver.train import TrainConfig, train
+
+    config = TrainConfig(
+        "toy:reach2d", train_tasks=20, steps=400, preset="tiny", width=16, task_inference=("goal-locator",),
+        refine_steps=200, head_steps=300, choose_policies=6, report_seeds=2,
+    )  # fmt: skip
+    train(config, tmp_path, progress=False)
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = report["heldout"]["rows"]
+    print("held-out success per step:", [round(r["success"], 2) for r in rows])
+    assert rows[0]["success"] == 0.0  # starting policies that fail on tasks the improver never trained on
+    assert rows[-1]["success"] >= 0.15 and rows[-1]["mean_return"] > rows[0]["mean_return"]

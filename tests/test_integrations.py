@@ -274,6 +274,23 @@ def test_improver_callback_explores_while_collecting(improver, toy):
     assert returns[0] != pytest.approx(returns[1])
 
 
+def test_improver_callback_keeps_at_most_max_visited_of_the_latest_states(improver, toy, monkeypatch):
+    from improver.integrations.sb3 import ImproverCallback, TaskEnv
+
+    task = toy.tasks("test")[0]
+    model = sb3.PPO("MlpPolicy", TaskEnv(task), n_steps=40, batch_size=40, n_epochs=1, seed=0, device="cpu")
+    callback = ImproverCallback(improver, task, every=1, episodes=1, max_visited=50)
+    fitted = []
+    original = callback.improver.step
+    monkeypatch.setattr(improver, "step", lambda *args, extra_states=None, **kw: (fitted.append(extra_states), original(*args, extra_states=extra_states, **kw))[1])
+    model.learn(160, callback=callback)
+    # 3 steps of one 40-step episode: none before the first step, then 40, then the latest 50 of 80
+    assert [None if s is None else len(s) for s in fitted] == [None, 40, 50]
+    assert callback.visited.shape == (50, 4)
+    with pytest.raises(ValueError, match="max_visited"):
+        ImproverCallback(improver, task, max_visited=-1)
+
+
 def test_improve_sb3_on_tasks_returns_a_model_that_saves_and_loads(improver, toy, tmp_path):
     from improver.integrations.sb3 import SB3Actor, improve_sb3_on_tasks, ppo_from_policy
 

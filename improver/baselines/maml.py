@@ -77,15 +77,22 @@ class MetaUpdate(nn.Module):
         if shapes != self.shapes:
             raise ValueError(f"this {self.kind} was meta-trained for parameter shapes {self.shapes}; the policy has {shapes}")
 
-    def adapted_weights(self, policy: nn.Module, experience: Trajectory) -> list[torch.Tensor]:
-        """``policy``'s weights (in ``parameters()`` order) after adapting on ``experience``, without the meta-gradient's graph."""
+    def adapted_weights(self, policy: nn.Module, experience: Trajectory, first: bool = True) -> list[torch.Tensor]:
+        """``policy``'s weights (in ``parameters()`` order) after adapting on ``experience``, without the meta-gradient's graph.
+
+        ``first``: whether ``policy`` is a starting policy rather than the result of an earlier
+        adaptation (a meta-learned initialisation applies to starting policies only).
+        """
         raise NotImplementedError
 
-    def adapt(self, policy: nn.Module, experience: Trajectory) -> nn.Module:
-        """A copy of ``policy`` adapted on ``experience`` (its exploring episodes); ``policy`` is not modified."""
+    def adapt(self, policy: nn.Module, experience: Trajectory, first: bool = True) -> nn.Module:
+        """A copy of ``policy`` adapted on ``experience`` (its exploring episodes); ``policy`` is not modified.
+
+        ``first``: as in :meth:`adapted_weights`; pass ``False`` when ``policy`` came out of this update.
+        """
         self.check(policy)
         with torch.enable_grad():  # the benchmark may call this under no_grad; the inner steps need gradients
-            params = self.adapted_weights(policy, experience)
+            params = self.adapted_weights(policy, experience, first)
         adapted = copy.deepcopy(policy)
         with torch.no_grad():
             for target, value in zip(adapted.parameters(), params):
@@ -157,8 +164,8 @@ class MetaSGD(MetaUpdate):
             params = [p - lr.exp() * g * scale for p, lr, g in zip(params, self.log_lrs, grads)]
         return params
 
-    def adapted_weights(self, policy: nn.Module, experience: Trajectory) -> list[torch.Tensor]:
-        """See :meth:`MetaUpdate.adapted_weights` (first order, through a ``higher`` functional copy)."""
+    def adapted_weights(self, policy: nn.Module, experience: Trajectory, first: bool = True) -> list[torch.Tensor]:
+        """See :meth:`MetaUpdate.adapted_weights` (first order, through a ``higher`` functional copy; no initialisation is learned, so ``first`` changes nothing)."""
         fmodel = higher.monkeypatch(policy, copy_initial_weights=True, track_higher_grads=False)
         return self.adapted_parameters(fmodel, list(fmodel.parameters()), experience, first_order=True)
 
@@ -303,6 +310,9 @@ def meta_train_maml(
 def maml_steps(update: MetaUpdate, policy: nn.Module, tasks: Sequence[Task], steps: int, seed: int = 0) -> Iterator[Checkpoint]:
     """Adapt ``policy`` with ``update`` once per step, each time on one exploring episode per entry of ``tasks``.
 
+    A meta-learned initialisation (learn2learn's) is applied at the first step only, as MAML's
+    initialisation is: later steps continue from the adapted weights with the inner steps alone.
+
     Yields the starting policy and then the policy after each of ``steps`` steps.
     """
     update.check(policy)
@@ -312,7 +322,7 @@ def maml_steps(update: MetaUpdate, policy: nn.Module, tasks: Sequence[Task], ste
         start = time.perf_counter()
         # The same resets as the improver's step-k episodes (improver.loop.improve seeds step k with seed + k).
         experience = collect_exploring(policy, tasks, update.noise, seed=seed + k)
-        policy = update.adapt(policy, experience)
+        policy = update.adapt(policy, experience, first=k == 0)
         env_steps += int(experience.lengths.sum())
         wall += time.perf_counter() - start
         yield Checkpoint(policy, env_steps, wall)

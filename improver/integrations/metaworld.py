@@ -271,14 +271,10 @@ def evaluate_in_metaworld(
     adaptation_episodes: int = 10,
     evaluation_episodes: int = 3,
     *,
-    mode: Mode | None = None,
-    exploration: float | None = None,
-    task_exploration: float | None = None,
-    wide_task_exploration: float | None = None,
-    memory: int | None = None,
     success_reward: float = SUCCESS_REWARD,
     seed: int = 0,
     max_episode_steps: int | None = None,
+    **loop_settings: Any,
 ) -> dict[str, Any]:
     """Meta-World's ``metalearning_evaluation`` of :class:`ImproverAgent` and of :class:`NoAdaptationAgent`.
 
@@ -295,11 +291,11 @@ def evaluate_in_metaworld(
         family: A Meta-World v3 task, e.g. ``"reach-v3"``.
         tasks: Held-out tasks, each one round (``num_evals``).
         adaptation_steps, adaptation_episodes, evaluation_episodes: As in ``metalearning_evaluation``.
-        mode, exploration, task_exploration, wide_task_exploration, memory: Loop settings of the
-            improver agent; each left ``None`` is the improver's own.
         success_reward: Reward of a successful step (see :class:`ImproverAgent`).
         seed: Seed of the tasks, the fresh policy and the exploration noise.
         max_episode_steps: Episode length (default: Meta-World's 500).
+        **loop_settings: Loop settings of the improver agent (``mode``, ``exploration``, ``task_exploration``,
+            ``wide_task_exploration``, ``memory``), as :class:`ImproverAgent` takes them; each not given is the improver's own.
 
     Returns:
         ``family``, ``tasks``, the harness's arguments, the improver's loop ``settings``, and ``rows``: per agent
@@ -325,10 +321,7 @@ def evaluate_in_metaworld(
     else:
         start, _ = load_policy(policy)
     agents = {
-        "improver": ImproverAgent(
-            improver, start, mode=mode, exploration=exploration, task_exploration=task_exploration,
-            wide_task_exploration=wide_task_exploration, memory=memory, success_reward=success_reward, seed=seed,
-        ),
+        "improver": ImproverAgent(improver, start, success_reward=success_reward, seed=seed, **loop_settings),
         "no adaptation": NoAdaptationAgent(start),
     }
     rows = []

@@ -145,17 +145,19 @@ class ImproverCallback(BaseCallback):
         exploration: Std of the Gaussian noise on the actor's actions in collected episodes (see
             :func:`improver.loop.improvement_loop`: it spreads the states the hidden task is inferred from);
             default: the improver's (``improver.loop_settings.exploration``).
+        max_visited: Parameters mode fits on the states of earlier steps too (DAgger); at most this many
+            of them are kept, the most recent, so that a long ``learn`` holds bounded memory.
         verbose: SB3 verbosity.
     """
 
     def __init__(
         self, improver: Improver, tasks: Any | None, every: int = 1, episodes: int = 10, seed: int = 0, exploration: float | None = None,
-        verbose: int = 0,
+        max_visited: int = 100_000, verbose: int = 0,
     ) -> None:
         if BaseCallback is object:
             raise ImportError("ImproverCallback needs stable-baselines3: pip install 'policy-improver[baselines]'")
-        if every < 1 or episodes < 1:
-            raise ValueError(f"every and episodes must be at least 1; got {every} and {episodes}")
+        if every < 1 or episodes < 1 or max_visited < 0:
+            raise ValueError(f"every and episodes must be at least 1 and max_visited at least 0; got {every}, {episodes} and {max_visited}")
         super().__init__(verbose)
         self.improver, self.tasks = improver, None if tasks is None else spread(as_tasks(tasks), episodes)
         self.every, self.episodes, self.seed = every, episodes, seed
@@ -164,7 +166,8 @@ class ImproverCallback(BaseCallback):
         self.history: list[dict[str, Any]] = []
         # the model's rollouts, per env; the last `episodes` ended episodes are watched
         self.watched = TrajectoryBuilder(success="success", keep=episodes)
-        self.visited: list[torch.Tensor] = []  # the states of earlier steps' watched episodes
+        self.max_visited = max_visited
+        self.visited: torch.Tensor | None = None  # [<= max_visited, obs_dim] the latest states of earlier steps' watched episodes
 
     def _on_rollout_start(self) -> None:
         if self.rollouts and self.rollouts % self.every == 0 and (self.tasks is not None or self.watched.num_episodes):
@@ -193,8 +196,11 @@ class ImproverCallback(BaseCallback):
         if self.tasks is None and not self.watched.num_episodes:
             raise ValueError("no rollout episode has ended yet: there is nothing to watch (tasks=None)")
         experience = self._collect() if self.tasks is not None else self.watched.trajectory()
-        improve_sb3(self.improver, self.model, experience, torch.cat(self.visited) if self.visited else None)
-        self.visited.append(experience.observations[experience.mask])
+        improve_sb3(self.improver, self.model, experience, self.visited)
+        states = experience.observations[experience.mask]
+        if self.max_visited:
+            states = states if self.visited is None else torch.cat([self.visited, states])
+            self.visited = states[-self.max_visited:]
         row = {
             "num_timesteps": self.num_timesteps,
             "success": float(experience.success.float().mean()),
