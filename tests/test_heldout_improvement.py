@@ -64,8 +64,9 @@ def test_brief_meta_training_already_infers_held_out_goals_better(train_data, to
 
 @pytest.mark.slow
 def test_the_whole_recipe_raises_held_out_success_on_the_toy_suite(tmp_path):
-    """``improver.train`` at a small budget (about 7 min on 2 loaded cores): its report's held-out starting
-    policies, at 0% success, succeed after 3 steps (measured, seeds 0-2: see docs/train.md)."""
+    """``improver.train`` at a small budget (3-7 min on 2 loaded cores): its report's held-out starting
+    policies succeed after 3 steps (measured with seeds 0, 1, 2: 0.00 -> 0.31, 0.06 -> 0.63, 0.02 -> 0.46;
+    docs/train.md)."""
     from improver.train import TrainConfig, train
 
     config = TrainConfig(
@@ -76,5 +77,5 @@ def test_the_whole_recipe_raises_held_out_success_on_the_toy_suite(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     rows = report["heldout"]["rows"]
     print("held-out success per step:", [round(r["success"], 2) for r in rows])
-    assert rows[0]["success"] == 0.0  # starting policies that fail on tasks the improver never trained on
-    assert rows[-1]["success"] >= 0.15 and rows[-1]["mean_return"] > rows[0]["mean_return"]
+    assert rows[0]["success"] <= 0.1  # starting policies that mostly fail, on tasks the improver never trained on
+    assert rows[-1]["success"] - rows[0]["success"] >= 0.15 and rows[-1]["mean_return"] > rows[0]["mean_return"]

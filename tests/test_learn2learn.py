@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from improver.baselines.bc import collect_exploring, episode_weights, weighted_regression_loss
-from improver.baselines.l2l import ALGORITHMS, INNER_LRS, L2LUpdate, meta_train_l2l
+from improver.baselines.l2l import ALGORITHMS, L2LUpdate, meta_train_l2l
 from improver.baselines.maml import maml_steps
 from improver.policies import MLPPolicy
 
@@ -92,9 +92,6 @@ def test_meta_train_l2l_learns_saves_and_adapts_like_maml(algorithm, toy, toy_da
         ImprovementDataset(toy_dataset), examples=2, episodes=2, iterations=3, batch_size=2, inner_steps=2, algorithm=algorithm, progress=False
     )
     assert report["second_order"] and report["algorithm"] == algorithm and report["env_steps"] == 2 * 2 * 40
-    # The inner step size is the candidate with the lowest outer loss on the train examples.
-    losses = report["inner_lr_losses"]
-    assert set(losses) == {str(lr) for lr in INNER_LRS} and losses[str(report["inner_lr"])] == min(losses.values())
     assert any(s.abs().sum() > 0 for s in update.learner.module.shift)  # the initialisation shift was meta-learned
     assert update.log_temperature.item() != 0.0
 

@@ -44,8 +44,6 @@ from .maml import MetaUpdate, collect_inner_data, meta_train_loop, meta_train_re
 
 Algorithm = Literal["maml", "metasgd"]
 ALGORITHMS: tuple[Algorithm, ...] = ("maml", "metasgd")
-INNER_LRS = (0.1, 0.03, 0.01, 0.003)
-"""Inner step sizes :func:`meta_train_l2l` chooses from on its train examples."""
 
 
 def call_with(policy: nn.Module, weights: Sequence[torch.Tensor], observations: torch.Tensor) -> torch.Tensor:
@@ -150,48 +148,34 @@ def meta_train_l2l(
     seed: int = 0,
     progress: bool = True,
     algorithm: Algorithm = "maml",
-    lr: float | None = None,
+    lr: float = 0.1,
 ) -> tuple[L2LUpdate, dict[str, Any]]:
     """Meta-train an :class:`L2LUpdate` on an improvement dataset's train tasks.
 
     Arguments, data and loop as :func:`~improver.baselines.maml.meta_train_maml`; ``algorithm``
-    picks learn2learn's MAML or Meta-SGD and ``lr`` is the inner step size (``None``: the one of
-    :data:`INNER_LRS` whose unmeta-trained adaptation gives the lowest outer loss on these train
-    examples; learn2learn steps on the raw gradient, whose scale differs between suites, and too
-    large a step is more than meta-training undoes: ML1:reach-v3, 16 examples, at 0.1 the outer
-    loss rose from 0.057 unadapted to 0.30 and was 0.35 after 100 iterations). ``outer_lr`` is
+    picks learn2learn's MAML or Meta-SGD and ``lr`` is the inner step size. ``outer_lr`` is
     smaller by default than ``meta_train_maml``'s: Adam moves every meta-parameter by about
     ``outer_lr`` per iteration, and here these are weight shifts and raw step sizes, not log step
     sizes (toy suite, 6 examples, 40 iterations: from 0.48, 3e-2 drives the outer loss up to
     1.4-1.5, 3e-3 brings it down to 0.21-0.26 and 1e-3 to 0.41).
 
     Returns:
-        The update and a report: that of ``meta_train_maml`` plus ``algorithm``, ``inner_lr`` and
-        ``inner_lr_losses`` (the outer loss of each candidate step size, when it was chosen).
+        The update and a report: that of ``meta_train_maml`` plus ``algorithm`` and ``inner_lr``.
 
     Raises:
         ValueError: ``dataset`` is empty, its policies differ in architecture, or a setting is out of range.
     """
     start = time.perf_counter()
     items = collect_inner_data(dataset, examples, episodes, noise, seed, progress)
+    update = L2LUpdate(items[0].policy, algorithm, inner_steps, lr, noise=noise, first_order=first_order)
+    for item in items:
+        update.check(item.policy)
 
-    def outer_loss(update: L2LUpdate, j: int) -> torch.Tensor:
+    def outer_loss(j: int) -> torch.Tensor:
         item = items[j]
         params = update.adapted_parameters(item.policy, item.experience)
         return nn.functional.mse_loss(call_with(item.policy, params, item.states), item.targets)
 
-    def make(step: float) -> L2LUpdate:
-        return L2LUpdate(items[0].policy, algorithm, inner_steps, step, noise=noise, first_order=first_order)
-
-    choice: dict[str, float] = {}
-    if lr is None:
-        for step in INNER_LRS:
-            candidate = make(step)
-            choice[str(step)] = sum(float(outer_loss(candidate, j).detach()) for j in range(len(items))) / len(items)
-        lr = min(INNER_LRS, key=lambda step: choice[str(step)])
-    update = make(lr)
-    for item in items:
-        update.check(item.policy)
-    losses = meta_train_loop(update, lambda j: outer_loss(update, j), len(items), iterations, batch_size, outer_lr, seed, progress)
+    losses = meta_train_loop(update, outer_loss, len(items), iterations, batch_size, outer_lr, seed, progress)
     report = meta_train_report(items, losses, episodes, outer_lr, inner_steps, first_order, start)
-    return update, {**report, "algorithm": algorithm, "inner_lr": lr, "inner_lr_losses": choice}
+    return update, {**report, "algorithm": algorithm, "inner_lr": lr}

@@ -315,8 +315,7 @@ class MamlContender:
         else:
             from ..baselines.l2l import meta_train_l2l
 
-            # learn2learn's uncapped inner steps diverge at the higher version's outer_lr (3e-2): its own default,
-            # and an inner step size it chooses on the train examples
+            # learn2learn's uncapped inner steps diverge at the higher version's outer_lr (3e-2): its own default
             update, report = meta_train_l2l(dataset, m.examples, m.episodes, m.iterations, algorithm=variant.removesuffix("-l2l"), **common)
         update.save_pretrained(folder, metadata=report)
         note = (
@@ -324,8 +323,6 @@ class MamlContender:
             f"{m.inner_steps} inner steps) on {report['examples']} train examples of {config.data}; the starting policy is the "
             f"initialisation. Its meta-training env steps ({report['env_steps']}) are not counted per step."
         )
-        if "inner_lr_losses" in report:
-            note += f" Inner step size {report['inner_lr']}, chosen by the outer loss on those examples ({report['inner_lr_losses']})."
         return cls(update, note, report, variant)
 
     def rows(self, policy: nn.Module, tasks: Sequence[Task], budget: int, steps: int, episodes: int, seed: int) -> list[Row]:
