@@ -173,6 +173,7 @@ class RewardModel:
     """Where to save the model (default: DATA/reward_model)."""
     heldout_tasks: int = 10
     """Held-out (test-split) tasks to measure on."""
+    # a lambda: the config class is bound only once a command runs (bind_nested_configs)
     model: Annotated[RewardModelConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=lambda: RewardModelConfig())
     """--use-frames needs a dataset generated with --frames."""
 

@@ -61,7 +61,6 @@ def test_brief_meta_training_already_infers_held_out_goals_better(train_data, to
     assert after < 0.7 * before
 
 
-
 @pytest.mark.slow
 def test_the_whole_recipe_raises_held_out_success_on_the_toy_suite(tmp_path):
     """``improver.train`` at a small budget (3-7 min on 2 loaded cores): its report's held-out starting

@@ -13,12 +13,12 @@ implementations researchers know:
 Every contender of the benchmark starts from the same given policy, so the initialisation is
 meta-learned as a shift ``delta`` added to whatever weights are adapted (zero at the start of
 meta-training): the first adaptation of a starting policy maps its weights ``theta`` to
-``theta + delta`` followed by ``inner_steps`` learn2learn ``adapt`` steps of the reward-weighted regression of
-:mod:`improver.baselines.bc` (whose temperature is meta-learned too, as in the ``higher``
-baseline); a later adaptation of an adapted policy takes the inner steps from its weights alone
-(adding ``delta`` at every step compounds it: measured on held-out ML1:reach-v3, 8 units, the
-mean return fell from 2,087 after step 1 to 232 after step 3). Unlike the ``higher`` baseline, the inner gradients are not bounded in norm
-(learn2learn's ``adapt`` steps on the raw gradient).
+``theta + delta`` followed by ``inner_steps`` learn2learn ``adapt`` steps of the reward-weighted
+regression of :mod:`improver.baselines.bc` (whose temperature is meta-learned too, as in the
+``higher`` baseline); a later adaptation of an adapted policy takes the inner steps from its
+weights alone (adding ``delta`` at every step compounds it: measured on held-out ML1:reach-v3,
+8 units, the mean return fell from 2,087 after step 1 to 232 after step 3). Unlike the ``higher``
+baseline, the inner gradients are not bounded in norm (learn2learn's ``adapt`` steps on the raw gradient).
 
 learn2learn 0.2.0 is installed by ``scripts/setup.sh`` (built from its sdist: its PyPI release
 does not build on Python 3.11). Adapt with :func:`improver.baselines.maml.maml_steps`, which
