@@ -14,6 +14,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -118,6 +119,9 @@ def improvement_loop(
             task exploration the improver carries for behaviour mode (DAgger within the loop: the
             copy is taught where the behaviour goes and where the previous copies drifted; every
             env step is counted, and ``success`` and ``mean_return`` are the copy's own episodes').
+            The copy's own episodes run in up to :data:`DAGGER_ROUNDS` rounds, the copy refitted to
+            that behaviour after each; the step's ``policy`` is the copy before them, and the next
+            step's copy starts from the refitted one.
         reward_free: Hide the rewards from the improver (its ranking reward model supplies them).
         memory: Each step watches the episodes of the last ``memory`` steps (1: only the current
             policy's, like an RL update; more: earlier policies' too, which spread the states
@@ -195,7 +199,9 @@ def _run(
             # parameters mode: the teacher acts as the improver's behaviour mode would, with the task exploration it carries
             teacher_sigma = improver.loop_settings.task_sigma(failed)
             guide = TaskSampling(teacher, teacher_sigma, seed=seed + k) if teacher is not None and teacher_sigma else teacher
-            experience, own = _collect(actor, guide, tasks, exploration, seed + k, render)
+            # parameters mode: the copy is refitted to the teacher within the step, on all states so far
+            refit = partial(_refitted, improver, teacher, torch.cat(visited)) if mode == "parameters" and teacher is not None else None
+            experience, own, student = _collect(actor, guide, tasks, exploration, seed + k, render, refit)
             env_steps += int(experience.lengths.sum())
             failed = not bool(experience.success.any())
             busy += time.perf_counter() - start
@@ -219,31 +225,61 @@ def _run(
             if mode == "parameters":
                 visited.append(experience.observations[experience.mask])
                 earlier = visited[: -len(history)]  # the states of the watched steps are in the experience already
-                teacher = improver.step(policy, watched, mode="behaviour")
+                teacher = improver.step(student, watched, mode="behaviour")
                 # one context for the teacher and the copy: the copy is fitted to the teacher's actions
-                policy = improver.fit_to(policy, teacher, torch.cat([watched.observations[watched.mask], *earlier]))
+                policy = improver.fit_to(student, teacher, torch.cat([watched.observations[watched.mask], *earlier]))
             else:
                 policy = improver.step(policy, watched, mode=mode)
             busy += time.perf_counter() - start
 
 
 def _collect(
-    actor: Any, teacher: Any | None, tasks: list[Task], exploration: float, seed: int, render: RenderConfig | None
-) -> tuple[Trajectory, Trajectory]:
+    actor: Any,
+    teacher: Any | None,
+    tasks: list[Task],
+    exploration: float,
+    seed: int,
+    render: RenderConfig | None,
+    refit: Callable[[nn.Module, torch.Tensor], nn.Module] | None = None,
+) -> tuple[Trajectory, Trajectory, Any]:
     """One episode per task with ``exploration`` noise: all by ``actor`` or, given a ``teacher``,
     the first half (rounded down) by the teacher and the rest by ``actor``. Returns all the
-    episodes and the actor's own.
+    episodes, the actor's own, and the actor as it ends the step.
 
     The teacher's episodes are DAgger's mixture (Ross et al., 2011): they add the states the improved
-    behaviour reaches, which a copy distilled only on its own states finds one step at a time.
+    behaviour reaches. Given ``refit`` (parameters mode), the actor's share runs in up to
+    :data:`DAGGER_ROUNDS` rounds and ``refit(actor, states)`` refits it after each on this step's
+    states so far (``[N, obs_dim]``), so that later rounds visit where the refitted copy drifts: a copy
+    refitted once per step needs a step per correction (push-v3, a training task: the copy stayed at
+    0 for 4 steps while its teacher succeeded from step 2; refitted after each of 5 rounds, it
+    succeeded from step 2 too).
     """
     share = len(tasks) // 2 if teacher is not None else 0
-    parts = [
-        rollout(ExplorationNoise(exploration, part_seed).wrap(who), part, 1, seed=part_seed, render=render, progress=False)
-        for who, part, part_seed in ((teacher, tasks[:share], derive_seed(seed, 1)), (actor, tasks[share:], seed))
-        if part
-    ]
-    return (parts[0] if len(parts) == 1 else Trajectory.cat(parts)), parts[-1]
+    parts = []
+    if share:
+        teacher_seed = derive_seed(seed, 1)
+        parts.append(rollout(ExplorationNoise(exploration, teacher_seed).wrap(teacher), tasks[:share], 1, seed=teacher_seed, render=render, progress=False))
+    own_tasks = tasks[share:]
+    rounds = min(DAGGER_ROUNDS, len(own_tasks)) if refit is not None else 1
+    bounds = [len(own_tasks) * r // rounds for r in range(rounds + 1)]
+    own_parts = []
+    for r in range(rounds):
+        round_seed = seed if r == 0 else derive_seed(seed, 1 + r)
+        part = rollout(ExplorationNoise(exploration, round_seed).wrap(actor), own_tasks[bounds[r] : bounds[r + 1]], 1, seed=round_seed, render=render, progress=False)
+        own_parts.append(part)
+        if refit is not None:
+            actor = refit(actor, torch.cat([p.observations[p.mask] for p in parts + own_parts]))
+    own = own_parts[0] if rounds == 1 else Trajectory.cat(own_parts)
+    return (own if not parts else Trajectory.cat([*parts, own])), own, actor
+
+
+DAGGER_ROUNDS = 5
+"""Parameters mode: the most rounds a step's own episodes are split into, the copy refitted after each."""
+
+
+def _refitted(improver: Improver, teacher: nn.Module, earlier: torch.Tensor, student: nn.Module, states: torch.Tensor) -> nn.Module:
+    """``student`` fitted to ``teacher`` on the ``earlier`` states ``[M, obs_dim]`` and this step's ``[N, obs_dim]``."""
+    return improver.fit_to(student, teacher, torch.cat([earlier, states]))
 
 
 class TaskSampling:

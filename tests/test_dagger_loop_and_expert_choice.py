@@ -6,7 +6,7 @@ import torch
 from metaworld.policies.sawyer_basketball_v3_policy import SawyerBasketballV3Policy
 
 from improver.augment.generate import GenerateConfig, dataset_suite
-from improver.loop import improvement_loop
+from improver.loop import DAGGER_ROUNDS, improvement_loop
 from improver.network import NetworkConfig
 from improver.operator import Improver
 from improver.policies import MLPPolicy
@@ -64,8 +64,30 @@ def test_the_parameters_loop_fits_the_states_of_every_earlier_step(improver, toy
     monkeypatch.setattr(Improver, "fit_to", recording)
     states = [s.experience for s in improvement_loop(improver, MLPPolicy(4, 2), toy.tasks("test")[:2], 3, 2, mode="parameters")]
     sizes = [int(e.mask.sum()) for e in states]
-    # step k watches experience k (memory 1) and fits, besides, every state of the steps before it
-    assert seen == [sizes[0], sizes[1] + sizes[0], sizes[2] + sizes[0] + sizes[1]]
+    # step k watches experience k (memory 1) and fits, besides, every state of the steps before it; from
+    # step 1 on the copy is also refitted after its own episode (one round: one episode of each 2 is its own)
+    assert seen == [sizes[0], sizes[0] + sizes[1], sizes[1] + sizes[0], sum(sizes[:3]), sizes[2] + sizes[0] + sizes[1], sum(sizes)]
+
+
+def test_the_copy_is_refitted_after_each_round_of_its_own_episodes(improver, toy, monkeypatch):
+    seen = []
+    fit_to = Improver.fit_to
+
+    def recording(self, policy, behaviour, states):
+        seen.append((policy, len(states)))
+        return fit_to(self, policy, behaviour, states)
+
+    monkeypatch.setattr(Improver, "fit_to", recording)
+    states = list(improvement_loop(improver, MLPPolicy(4, 2), toy.tasks("test")[:2], 2, 10, mode="parameters"))
+    sizes = [int(s.experience.mask.sum()) for s in states]
+    rounds = [n for _, n in seen[1 : 1 + DAGGER_ROUNDS]]  # step 1: 5 teacher episodes, then 5 own in rounds
+    assert len(seen) == 1 + DAGGER_ROUNDS + 1 + DAGGER_ROUNDS
+    assert rounds == sorted(set(rounds)) and rounds[-1] == sizes[0] + sizes[1]
+    # the step's policy is the copy before the rounds; each round refits the previous round's copy,
+    # and the next step's copy starts from the last of them
+    assert seen[1][0] is states[1].policy
+    assert seen[DAGGER_ROUNDS + 1][0] is not states[1].policy
+    assert seen[DAGGER_ROUNDS + 1][1] == sizes[1] + sizes[0]
 
 
 def test_fit_to_the_behaviour_is_the_parameters_step(improver, toy):
