@@ -224,10 +224,7 @@ def _run(
             watched = Trajectory.cat(history)
             if mode == "parameters":
                 visited.append(experience.observations[experience.mask])
-                earlier = visited[: -len(history)]  # the states of the watched steps are in the experience already
-                teacher = improver.step(student, watched, mode="behaviour")
-                # one context for the teacher and the copy: the copy is fitted to the teacher's actions
-                policy = improver.fit_to(student, teacher, torch.cat([watched.observations[watched.mask], *earlier]))
+                teacher, policy = parameters_step(improver, student, watched, visited[: -len(history)])
             else:
                 policy = improver.step(policy, watched, mode=mode)
             busy += time.perf_counter() - start
@@ -260,21 +257,37 @@ def _collect(
         teacher_seed = derive_seed(seed, 1)
         parts.append(rollout(ExplorationNoise(exploration, teacher_seed).wrap(teacher), tasks[:share], 1, seed=teacher_seed, render=render, progress=False))
     own_tasks = tasks[share:]
-    rounds = min(DAGGER_ROUNDS, len(own_tasks)) if refit is not None else 1
-    bounds = [len(own_tasks) * r // rounds for r in range(rounds + 1)]
+    bounds = [0, *(refit_points(len(own_tasks)) if refit is not None else [len(own_tasks)])]
     own_parts = []
-    for r in range(rounds):
+    for r in range(len(bounds) - 1):
         round_seed = seed if r == 0 else derive_seed(seed, 1 + r)
         part = rollout(ExplorationNoise(exploration, round_seed).wrap(actor), own_tasks[bounds[r] : bounds[r + 1]], 1, seed=round_seed, render=render, progress=False)
         own_parts.append(part)
         if refit is not None:
             actor = refit(actor, torch.cat([p.observations[p.mask] for p in parts + own_parts]))
-    own = own_parts[0] if rounds == 1 else Trajectory.cat(own_parts)
+    own = own_parts[0] if len(own_parts) == 1 else Trajectory.cat(own_parts)
     return (own if not parts else Trajectory.cat([*parts, own])), own, actor
 
 
 DAGGER_ROUNDS = 5
 """Parameters mode: the most rounds a step's own episodes are split into, the copy refitted after each."""
+
+
+def refit_points(own: int) -> list[int]:
+    """Parameters mode: after how many of a step's ``own`` episodes of the copy it is refitted (up to
+    :data:`DAGGER_ROUNDS` rounds of even size; the last point is ``own``)."""
+    rounds = min(DAGGER_ROUNDS, own)
+    return [own * r // rounds for r in range(1, rounds + 1)]
+
+
+def parameters_step(improver: Improver, policy: nn.Module, watched: Trajectory, earlier: Sequence[torch.Tensor]) -> tuple[BehaviourPolicy, nn.Module]:
+    """Parameters mode's improvement: the behaviour improved from the ``watched`` episodes (the teacher),
+    and a copy of ``policy`` fitted to it on their states and on the ``earlier`` steps' (each ``[N_i, obs_dim]``).
+
+    One context serves both, so the copy is fitted to the teacher's own actions.
+    """
+    teacher = improver.step(policy, watched, mode="behaviour")
+    return teacher, improver.fit_to(policy, teacher, torch.cat([watched.observations[watched.mask], *earlier]))
 
 
 def _refitted(improver: Improver, teacher: nn.Module, earlier: torch.Tensor, student: nn.Module, states: torch.Tensor) -> nn.Module:

@@ -87,6 +87,21 @@ def test_adaptation_noise_is_reproducible_by_seed(toy_improver, toy):
     assert np.array_equal(first, actions(0)) and not np.array_equal(first, actions(1))
 
 
+def test_parameters_mode_lets_the_teacher_act_and_refits_the_copy_within_a_step(toy_improver, toy, monkeypatch):
+    fits = []
+    fit_to = Improver.fit_to
+    monkeypatch.setattr(Improver, "fit_to", lambda self, p, b, states: fits.append((b, len(states))) or fit_to(self, p, b, states))
+    agent = ImproverAgent(toy_improver, MLPPolicy(4, 2), mode="parameters", exploration=0.0)
+    seen = adapt(agent, toy.tasks("test")[0], steps=2)  # 2 sub-envs x 2 episodes a step
+    # step 1's adapt fits the copy (32 states); in step 2 the teacher acts the first 2 episodes, the copy
+    # the other 2 and is refitted after each on all 64 states so far; then step 2's adapt
+    assert [n for _, n in fits] == [32, 64, 64, 64]
+    teacher = fits[0][0]
+    assert fits[1][0] is teacher and fits[3][0] is agent.teacher is not teacher
+    obs, actions = seen[2 * HORIZON]  # step 2's first actions: its first 2 episodes, the teacher's
+    assert np.allclose(actions, teacher(torch.as_tensor(obs, dtype=torch.float32)).detach().numpy(), atol=1e-5)
+
+
 def test_parameters_mode_memory_and_task_exploration_follow_the_settings(toy_improver, toy):
     task, start = toy.tasks("test")[0], MLPPolicy(4, 2)
     agent = ImproverAgent(toy_improver, start, mode="parameters", memory=2, exploration=0.0)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from improver.augment.noise import ExplorationNoise, derive_seed
-from improver.loop import TaskSampling, settings_for
+from improver.loop import TaskSampling, parameters_step, refit_points, settings_for
 from improver.loop_settings import Mode
 from improver.operator import BehaviourPolicy, Improver
 from improver.policies import MLPPolicy, load_policy, placement
@@ -104,6 +104,11 @@ class ImproverAgent:
     :class:`~improver.transitions.TrajectoryBuilder` and steps the policy on the episodes of the last
     ``memory`` steps. Evaluation acts with the improved policy, without noise.
 
+    Parameters mode distils as the loop does (DAgger within the loop): from the second adaptation step
+    on, the first half of a step's episodes (as many as the first step had, rounded down) are acted by
+    the behaviour the copy was last fitted to, and the copy is refitted to it on every state so far
+    after each of :func:`improver.loop.refit_points` of its own episodes.
+
     The harness passes no ``info``, so a step counts as a success when its reward reaches
     ``success_reward``: an assumption about the reward (true of Meta-World's v2 rewards, see
     ``SUCCESS_REWARD``), used only to tell the improver which episodes succeeded and, in behaviour
@@ -123,8 +128,8 @@ class ImproverAgent:
         policy: The current task's policy: the starting one until the first ``adapt``.
         history: The experience of the current task's last ``memory`` adaptation steps.
         visited: Parameters mode: the states of every adaptation step of the current task, all
-            refitted at each step (DAgger, as the improvement loop does; the harness acts every
-            adaptation episode with the policy, so there are no teacher episodes here).
+            refitted at each step (DAgger, as the improvement loop does).
+        teacher: Parameters mode: the behaviour the copy was last fitted to (``None`` before the first ``adapt``).
         adapted: Adaptation steps done on the current task.
         tasks: Tasks begun (``init`` calls).
 
@@ -157,12 +162,17 @@ class ImproverAgent:
         self.policy: Policy = self.start
         self.history, self.failed, self.adapted = [], True, 0
         self.visited: list[torch.Tensor] = []  # parameters mode: every adaptation step's states (DAgger)
+        self.teacher: BehaviourPolicy | None = None
+        self._share = 0  # parameters mode: episodes of a step the teacher acts (half of the first step's)
+        self._refits: set[int] = set()  # parameters mode: own episodes of a step after which the copy is refitted
         self._begin_step()
 
     def _begin_step(self) -> None:
         self._builder = TrajectoryBuilder(success=self._reached)
         self._actors: dict[int, Policy] = {}  # per sub-env: the running episode's noisy policy
+        self._teaching: set[int] = set()  # sub-envs whose running episode the teacher acts
         self._episodes = 0  # episodes begun in this adaptation step
+        self._own = 0  # the copy's episodes ended in this adaptation step (parameters mode)
 
     def _reached(self, observation: np.ndarray, action: np.ndarray, reward: float, info: Mapping[str, Any]) -> bool:
         return reward >= self.success_reward
@@ -193,10 +203,14 @@ class ImproverAgent:
         """Sub-env ``env``'s policy for its running episode, bound (noise, task offset) when the episode begins."""
         if env not in self._actors:
             info = unknown_task(self.tasks, episode_seed=self._episodes)
+            teaching = self.teacher is not None and self._episodes < self._share
             self._episodes += 1
             self._builder.set_task(info, env)
-            sigma = self.settings.task_sigma(self.failed)
-            actor = self.policy
+            # the teacher explores the task as the improver's behaviour mode would (as in the loop)
+            sigma = (self.improver.loop_settings if teaching else self.settings).task_sigma(self.failed)
+            actor = self.teacher if teaching else self.policy
+            if teaching:
+                self._teaching.add(env)
             if sigma and isinstance(actor, BehaviourPolicy):
                 actor = TaskSampling(actor, sigma, seed=self.step_seed)
             actor = ExplorationNoise(self.settings.exploration, self.step_seed).wrap(actor)
@@ -208,6 +222,12 @@ class ImproverAgent:
         ended = self._builder.add_batch(timestep.observation, timestep.action, timestep.reward, timestep.terminated, timestep.truncated)
         for env in ended:
             self._actors.pop(env, None)  # the sub-env's next episode gets its own noise
+            if self.teacher is not None and env not in self._teaching:
+                self._own += 1
+                if self._own in self._refits:  # DAgger within the step, as the loop does
+                    step = self._builder.trajectory(clear=False)
+                    self.policy = self.improver.fit_to(self.policy, self.teacher, torch.cat([*self.visited, step.observations[step.mask]]))
+            self._teaching.discard(env)
 
     def adapt(self) -> None:
         """Step the policy on this adaptation step's ended episodes (and the earlier ones ``memory`` keeps).
@@ -218,12 +238,15 @@ class ImproverAgent:
         experience = self._builder.trajectory()
         self.failed = not bool(experience.success.any())
         self.history = [*self.history, experience][-self.settings.memory :]
-        extra = None
+        watched = Trajectory.cat(self.history)
         if self.settings.mode == "parameters":  # refit on every state so far, as the improvement loop does
+            if self.teacher is None:
+                self._share = experience.num_episodes // 2
+                self._refits = set(refit_points(experience.num_episodes - self._share))
             self.visited.append(experience.observations[experience.mask])
-            earlier = self.visited[: -len(self.history)]
-            extra = torch.cat(earlier) if earlier else None
-        self.policy = self.improver.step(self.policy, Trajectory.cat(self.history), mode=self.settings.mode, extra_states=extra)
+            self.teacher, self.policy = parameters_step(self.improver, self.policy, watched, self.visited[: -len(self.history)])
+        else:
+            self.policy = self.improver.step(self.policy, watched, mode="behaviour")
         self.adapted += 1
         self._begin_step()
 
