@@ -249,7 +249,7 @@ def _collect(
     states so far (``[N, obs_dim]``), so that later rounds visit where the refitted copy drifts: a copy
     refitted once per step needs a step per correction (push-v3, a training task: the copy stayed at
     0 for 4 steps while its teacher succeeded from step 2; refitted after each of 5 rounds, it
-    succeeded from step 2 too).
+    succeeded at the end of step 2 already).
     """
     share = len(tasks) // 2 if teacher is not None else 0
     parts = []
