@@ -54,8 +54,8 @@ class Args:
     """Rollouts between improvement steps (callback)."""
     episodes: int = 10
     """Episodes per improvement step (and per DAgger round)."""
-    exploration: float = 0.3
-    """Action noise in the improver's episodes (helps it locate the hidden goal)."""
+    exploration: float | None = None
+    """Action noise in the improver's episodes (helps it locate the hidden goal); default: the improver's."""
     watch_rollouts: bool = False
     """Callback: let the improver watch PPO's own rollouts (no extra env steps) instead of collecting episodes."""
     behaviour: bool = False
@@ -64,10 +64,10 @@ class Args:
     """Behaviour mode: improvement steps before the distillation."""
     dagger_rounds: int = 3
     """Behaviour mode: DAgger rounds."""
-    task_exploration: float = 0.0
-    """Behaviour mode: goal exploration of the improvement loop (0.04 for push-v3)."""
-    wide_task_exploration: float = 0.0
-    """Behaviour mode: goal exploration after a step whose episodes all failed (0.08 for push-v3)."""
+    task_exploration: float | None = None
+    """Behaviour mode: task exploration of the improvement loop; default: the improver's."""
+    wide_task_exploration: float | None = None
+    """Behaviour mode: task exploration after a step whose episodes all failed; default: the improver's."""
     eval_episodes: int = 10
     """Episodes of each evaluation."""
     checks: tuple[int, ...] = ()

@@ -196,12 +196,7 @@ def _run(
             start = time.perf_counter()
             sigma = settings.task_sigma(failed)
             actor = TaskSampling(policy, sigma, seed=seed + k) if sigma and isinstance(policy, BehaviourPolicy) else policy
-            # parameters mode: the teacher acts as the improver's behaviour mode would, with the task exploration it carries
-            teacher_sigma = improver.loop_settings.task_sigma(failed)
-            guide = TaskSampling(teacher, teacher_sigma, seed=seed + k) if teacher is not None and teacher_sigma else teacher
-            # parameters mode: the copy is refitted to the teacher within the step, on all states so far
-            refit = partial(_refitted, improver, teacher, torch.cat(visited)) if mode == "parameters" and teacher is not None else None
-            experience, own, student = _collect(actor, guide, tasks, exploration, seed + k, render, refit)
+            experience, own, student = collect_step(improver, actor, teacher, tasks, exploration, seed + k, visited, failed, render)
             env_steps += int(experience.lengths.sum())
             failed = not bool(experience.success.any())
             busy += time.perf_counter() - start
@@ -228,6 +223,31 @@ def _run(
             else:
                 policy = improver.step(policy, watched, mode=mode)
             busy += time.perf_counter() - start
+
+
+def collect_step(
+    improver: Improver,
+    actor: Any,
+    teacher: BehaviourPolicy | None,
+    tasks: list[Task],
+    exploration: float,
+    seed: int,
+    earlier: Sequence[torch.Tensor],
+    failed: bool,
+    render: RenderConfig | None = None,
+) -> tuple[Trajectory, Trajectory, Any]:
+    """One step's episodes of parameters mode (or, with ``teacher=None``, of ``actor`` alone): one per
+    task, the first half by ``teacher`` (the behaviour ``actor`` was last fitted to, acting with the
+    task exploration the improver's settings give after a step that ``failed`` or not), the rest by
+    ``actor`` in rounds, refitted to ``teacher`` after each on the ``earlier`` steps' states (each
+    ``[N_i, obs_dim]``) and this step's. Returns all the episodes, the actor's own, and the actor as it
+    ends the step (see :func:`_collect`).
+    """
+    if teacher is None:
+        return _collect(actor, None, tasks, exploration, seed, render)
+    sigma = improver.loop_settings.task_sigma(failed)
+    guide = TaskSampling(teacher, sigma, seed=seed) if sigma else teacher
+    return _collect(actor, guide, tasks, exploration, seed, render, partial(_refitted, improver, teacher, list(earlier)))
 
 
 def _collect(
@@ -290,9 +310,9 @@ def parameters_step(improver: Improver, policy: nn.Module, watched: Trajectory, 
     return teacher, improver.fit_to(policy, teacher, torch.cat([watched.observations[watched.mask], *earlier]))
 
 
-def _refitted(improver: Improver, teacher: nn.Module, earlier: torch.Tensor, student: nn.Module, states: torch.Tensor) -> nn.Module:
-    """``student`` fitted to ``teacher`` on the ``earlier`` states ``[M, obs_dim]`` and this step's ``[N, obs_dim]``."""
-    return improver.fit_to(student, teacher, torch.cat([earlier, states]))
+def _refitted(improver: Improver, teacher: nn.Module, earlier: list[torch.Tensor], student: nn.Module, states: torch.Tensor) -> nn.Module:
+    """``student`` fitted to ``teacher`` on the ``earlier`` states (each ``[M_i, obs_dim]``) and this step's ``[N, obs_dim]``."""
+    return improver.fit_to(student, teacher, torch.cat([*earlier, states]))
 
 
 class TaskSampling:

@@ -283,14 +283,31 @@ def test_improver_callback_keeps_at_most_max_visited_of_the_latest_states(improv
     model = sb3.PPO("MlpPolicy", TaskEnv(task), n_steps=40, batch_size=40, n_epochs=1, seed=0, device="cpu")
     callback = ImproverCallback(improver, task, every=1, episodes=1, max_visited=50)
     fitted = []
-    original = callback.improver.step
-    monkeypatch.setattr(improver, "step", lambda *args, extra_states=None, **kw: (fitted.append(extra_states), original(*args, extra_states=extra_states, **kw))[1])
+    original = callback.improver.fit_to
+    monkeypatch.setattr(improver, "fit_to", lambda policy, behaviour, states: (fitted.append(len(states)), original(policy, behaviour, states))[1])
     model.learn(160, callback=callback)
-    # 3 steps of one 40-step episode: none before the first step, then 40, then the latest 50 of 80
-    assert [None if s is None else len(s) for s in fitted] == [None, 40, 50]
+    # 3 steps of one 40-step episode, each fitted on it and on the earlier steps' latest states (none,
+    # then 40, then 50 of 80); from step 2 the copy is also refitted after its episode (one round)
+    assert fitted == [40, 80, 80, 90, 90]
     assert callback.visited.shape == (50, 4)
     with pytest.raises(ValueError, match="max_visited"):
         ImproverCallback(improver, task, max_visited=-1)
+
+
+def test_improver_callback_collects_as_parameters_mode_does(improver, toy, monkeypatch):
+    from improver.integrations import sb3 as integration
+
+    task = toy.tasks("test")[0]
+    model = sb3.PPO("MlpPolicy", integration.TaskEnv(task), n_steps=40, batch_size=40, n_epochs=1, seed=0, device="cpu")
+    teachers = []
+    original = integration.collect_step
+    monkeypatch.setattr(integration, "collect_step", lambda imp, actor, teacher, *rest: (teachers.append(teacher), original(imp, actor, teacher, *rest))[1])
+    callback = integration.ImproverCallback(improver, task, every=1, episodes=4)
+    model.learn(120, callback=callback)  # 3 rollouts: steps before rollouts 2 and 3
+    # the first step has no teacher; the second is led by the behaviour the first fitted the actor to
+    assert teachers[0] is None and teachers[1] is not None
+    assert callback.env_steps == 2 * 4 * task.max_steps
+    assert callback.teacher is not None and callback.teacher is not teachers[1]
 
 
 def test_improve_sb3_on_tasks_returns_a_model_that_saves_and_loads(improver, toy, tmp_path):

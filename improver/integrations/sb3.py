@@ -13,11 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from improver.augment.noise import ExplorationNoise
 from improver.dagger import dagger
-from improver.loop import Callback, Mode, as_tasks, improvement_loop
+from improver.loop import Callback, Mode, as_tasks, collect_step, improvement_loop, parameters_step
 from improver.operator import Improver
-from improver.tasks import Task, rollout
+from improver.tasks import Task
 from improver.tasks.evaluation import spread
 from improver.transitions import TrajectoryBuilder
 from improver.types import Trajectory
@@ -130,10 +129,13 @@ class ImproverCallback(BaseCallback):
       observation space.
 
     Each step fits the actor on the states of every step's watched episodes so far, labelled with
-    the behaviour improved from the latest ones (DAgger, as :func:`improver.loop.improvement_loop`
-    does in parameters mode). Each step's row (``num_timesteps``, success and mean return of the
-    episodes the step watched, extra ``env_steps`` so far) is kept in :attr:`history` and logged
-    under ``improver/``.
+    the behaviour improved from the latest ones (DAgger). With ``tasks`` given, the collection is
+    parameters mode's of :func:`improver.loop.improvement_loop` (:func:`improver.loop.collect_step`):
+    from the second step on, the behaviour the actor was last fitted to acts the first half of the
+    episodes, and the actor is refitted to it after each round of its own. Each step's row
+    (``num_timesteps``; ``success`` and ``mean_return`` of the actor's own watched episodes;
+    ``any_success`` of all of them; extra ``env_steps`` so far) is kept in :attr:`history` and
+    logged under ``improver/``.
 
     Args:
         improver: A trained improver (parameters mode).
@@ -168,6 +170,7 @@ class ImproverCallback(BaseCallback):
         self.watched = TrajectoryBuilder(success="success", keep=episodes)
         self.max_visited = max_visited
         self.visited: torch.Tensor | None = None  # [<= max_visited, obs_dim] the latest states of earlier steps' watched episodes
+        self.teacher: nn.Module | None = None  # tasks given: the behaviour the actor was last fitted to
 
     def _on_rollout_start(self) -> None:
         if self.rollouts and self.rollouts % self.every == 0 and (self.tasks is not None or self.watched.num_episodes):
@@ -184,27 +187,32 @@ class ImproverCallback(BaseCallback):
         # The builder copies the rewards, which PPO changes in place afterwards (bootstrap values).
         self.watched.add_batch(local["obs_tensor"].cpu().numpy(), local["clipped_actions"], local["rewards"], local["dones"], infos=local["infos"])
 
-    def _collect(self) -> Trajectory:
-        seed = self.seed + len(self.history)
-        actor = SB3Actor(self.model.policy)
-        experience = rollout(ExplorationNoise(self.exploration, seed).wrap(actor), self.tasks, 1, seed=seed, progress=False)
-        self.env_steps += int(experience.lengths.sum())
-        return experience
-
     def improve_now(self) -> dict[str, Any]:
         """Step the current actor on the watched episodes, write it back; returns the step's row."""
         if self.tasks is None and not self.watched.num_episodes:
             raise ValueError("no rollout episode has ended yet: there is nothing to watch (tasks=None)")
-        experience = self._collect() if self.tasks is not None else self.watched.trajectory()
-        improve_sb3(self.improver, self.model, experience, self.visited)
+        earlier = [] if self.visited is None else [self.visited]
+        if self.tasks is None:
+            experience = own = self.watched.trajectory()
+            actor = SB3Actor(self.model.policy)
+        else:
+            failed = not self.history or not self.history[-1]["any_success"]
+            seed = self.seed + len(self.history)
+            experience, own, actor = collect_step(
+                self.improver, SB3Actor(self.model.policy), self.teacher, self.tasks, self.exploration, seed, earlier, failed
+            )
+            self.env_steps += int(experience.lengths.sum())
+        self.teacher, improved = parameters_step(self.improver, actor, experience, earlier)
+        self.model.policy.load_state_dict(improved.policy.state_dict())
         states = experience.observations[experience.mask]
         if self.max_visited:
             states = states if self.visited is None else torch.cat([self.visited, states])
             self.visited = states[-self.max_visited:]
         row = {
             "num_timesteps": self.num_timesteps,
-            "success": float(experience.success.float().mean()),
-            "mean_return": float(experience.returns.mean()),
+            "success": float(own.success.float().mean()),
+            "mean_return": float(own.returns.mean()),
+            "any_success": bool(experience.success.any()),
             "env_steps": self.env_steps,
         }
         self.history.append(row)
